@@ -1,0 +1,9 @@
+"""fssam-deploy: FSSAM (few-shot segmentation with SAM 2) from checkpoint to fast inference."""
+
+from .errors import CheckpointError, ConfigError, EngineError, FSSAMError, InputError
+from .model import FSSAMConfig, Pipeline, SupportSession
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ConfigError", "EngineError", "FSSAMConfig", "FSSAMError", "InputError",
+           "Pipeline", "SupportSession", "__version__"]

@@ -1,0 +1,68 @@
+"""The FSSAM weights (SAM 2 + DINOv2) and the five stages built on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import FSSAMConfig
+from .decoder import MemoryDecoder
+from .dinov2 import DinoEncoder, build_dinov2_vit
+from .image_encoder import ImageEncoder
+from .memory_encoder import MemoryEncoder
+from .prior import PriorGenerator
+from .refinement import MemoryRefinement
+from .sam2_build import build_sam2_model
+from .sam_heads import SamHeads
+
+
+class FSSAMWeights(nn.Module):
+    """Holds the parameters under FSSAM's checkpoint names: `sam2.*` and `dino.*`."""
+
+    def __init__(self, cfg: FSSAMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sam2 = build_sam2_model(cfg)
+        self.dino = build_dinov2_vit(cfg.dino)
+
+
+def random_weights(cfg: FSSAMConfig, seed: int = 0) -> FSSAMWeights:
+    """Build the real architectures with weights drawn from `seed` (their own init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        weights = FSSAMWeights(cfg)
+        # SAM 2 leaves some parameters at zero (e.g. no_obj_ptr, tpos enc): draw them too,
+        # so that every path of the computation is exercised.
+        for name, p in weights.sam2.named_parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                with torch.no_grad():
+                    p.normal_(0.0, 0.02)
+    return weights.eval()
+
+
+@dataclass
+class Stages:
+    """The five stages of SPEC.md, tensor-in tensor-out modules sharing one set of weights."""
+
+    image_encoder: ImageEncoder
+    prior: PriorGenerator
+    memory_encoder: MemoryEncoder
+    refinement: MemoryRefinement
+    decoder: MemoryDecoder
+
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.__dict__)
+
+
+def build_stages(weights: FSSAMWeights, attention_backend: str = "auto") -> Stages:
+    cfg = weights.cfg
+    heads = SamHeads(weights.sam2)
+    return Stages(
+        image_encoder=ImageEncoder(weights.sam2).eval(),
+        prior=PriorGenerator(cfg, DinoEncoder(cfg, weights.dino)).eval(),
+        memory_encoder=MemoryEncoder(weights.sam2, heads, cfg.memory_bf16_round).eval(),
+        refinement=MemoryRefinement(cfg.num_refine, cfg.refine).eval(),
+        decoder=MemoryDecoder(weights.sam2, heads, cfg.feat_size, attention_backend).eval(),
+    )
