@@ -56,20 +56,23 @@ def check_calibrated_attention_inputs(q, k, v, c, n_sup, n_qry, *, head_dims=SUP
     """Raise InputError unless (q, k, v, c, n_sup, n_qry) are valid inputs of the calibrated attention.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D) of one dtype in SUPPORTED_DTYPES, c (B, H, n_qry) floating,
-    all on one device, D in `head_dims` (None: any), 0 <= n_sup, n_qry and n_sup + n_qry <= Nk, Nk >= 1.
+    all on one device, D in `head_dims` (None: any), n_sup >= 0, n_qry >= 1, n_sup + n_qry <= Nk.
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("c", c)):
         _expect_tensor(name, x)
     _expect_length("n_sup", n_sup)
     _expect_length("n_qry", n_qry)
+    if n_qry == 0:
+        raise InputError(
+            f"n_qry in {_WHERE}: the query block is empty, so its row min-max (and the calibration) is "
+            "undefined, as in the reference; use plain attention (F.scaled_dot_product_attention)"
+        )
     expect_shape("q", q, (None, None, None, None), _WHERE)
     b, h, _, d = q.shape
     expect_shape("k", k, (b, h, None, d), _WHERE)
     expect_shape("v", v, tuple(k.shape), _WHERE)
     expect_shape("c", c, (b, h, n_qry), _WHERE)
     n_k = k.shape[2]
-    if n_k < 1:
-        raise InputError(f"k in {_WHERE}: has no keys (shape {tuple(k.shape)}); the softmax needs at least one")
     if n_sup + n_qry > n_k:
         raise InputError(
             f"n_sup + n_qry in {_WHERE}: {n_sup} + {n_qry} = {n_sup + n_qry} exceeds the {n_k} keys of k "

@@ -53,10 +53,16 @@ def device_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+#: Opt-in shared memory per block of the smallest sm80+ parts (sm86/89/120); used without a driver.
+_DEFAULT_SHARED_MEMORY = 99 * 1024
+
+
 @functools.lru_cache(maxsize=None)
 def _max_shared_memory(device_index: int) -> int:
+    if not torch.cuda.is_available():  # e.g. tracing with fake CUDA tensors on a CPU-only machine
+        return _DEFAULT_SHARED_MEMORY
     props = torch.cuda.get_device_properties(device_index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or _DEFAULT_SHARED_MEMORY)
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -180,7 +186,7 @@ INTERPRETED = not isinstance(_calibrated_attn_fwd, triton.runtime.JITFunction)
 
 def _autotune_configs() -> list[triton.Config]:
     # (BLOCK_M, BLOCK_N, num_stages, num_warps). Small BLOCK_M keeps more programs alive at Nq=1024, B=1.
-    shapes = [(16, 64, 2, 4), (32, 32, 2, 4), (32, 64, 2, 4), (32, 64, 3, 4), (64, 32, 2, 4), (64, 64, 2, 4),
+    shapes = [(16, 32, 1, 4), (16, 64, 2, 4), (32, 32, 2, 4), (32, 64, 2, 4), (32, 64, 3, 4), (64, 32, 2, 4), (64, 64, 2, 4),
               (64, 64, 2, 8), (64, 64, 3, 8), (64, 128, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w) for bm, bn, s, w in shapes]
 
@@ -192,20 +198,25 @@ def estimated_shared_memory(block_m: int, block_n: int, num_stages: int, head_di
 
 def _prune_configs(configs, named_args, **kwargs):
     # Drop configs that cannot fit the device's shared memory (critical at D=256), that keep more than
-    # 128 fp32 accumulator registers per thread, or whose tiles are larger than the problem.
+    # 128 fp32 accumulator registers per thread, or whose tiles are larger than the problem. fp32 runs
+    # IEEE dots on CUDA cores (an accuracy path, slow to compile): only small tiles.
     meta = {**named_args, **kwargs}
     q, head_dim = meta["Q"], meta["HEAD_DIM"]
     limit = _max_shared_memory(q.device.index or 0) if q.device.type == "cuda" else 1 << 30
     max_m = max(16, triton.next_power_of_2(meta["N_Q"]))
     max_n = max(16, triton.next_power_of_2(meta["N_K"]))
-    kept = [
-        cfg for cfg in configs
-        if estimated_shared_memory(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages, head_dim,
-                                   q.element_size()) <= limit
-        and cfg.kwargs["BLOCK_M"] * head_dim <= 128 * 32 * cfg.num_warps
-        and cfg.kwargs["BLOCK_M"] <= max_m and cfg.kwargs["BLOCK_N"] <= max_n
-    ]
-    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * cfg.num_stages)]
+    max_tile = 32 * 32 if q.element_size() == 4 else 1 << 30
+
+    def fits(cfg):
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        smem = estimated_shared_memory(bm, bn, cfg.num_stages, head_dim, q.element_size())
+        return (smem <= limit and bm * head_dim <= 128 * 32 * cfg.num_warps and bm <= max_m and bn <= max_n
+                and bm * bn <= max_tile)
+
+    kept = [cfg for cfg in configs if fits(cfg)]
+    smallest = min(configs, key=lambda cfg: estimated_shared_memory(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
+                                                                    cfg.num_stages, head_dim, q.element_size()))
+    return kept or [smallest]
 
 
 # Tuning results live in this process only (cache_results=False): nothing is written into the package.

@@ -1,0 +1,115 @@
+"""The `fssam` command: argparse subcommands, each one call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import FSSAMError
+from .model.config import DINO_MODELS, REFINE_VERSIONS, SAM2_CONFIGS, FSSAMConfig
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and the config flags shared by run, export, bench, build."""
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="FSSAM checkpoint ({'state_dict': {'sam2.*', 'dino.*'}})")
+    g.add_argument("--sam2-checkpoint", help="SAM 2 official checkpoint ({'model': ...}), with --dino-checkpoint")
+    g.add_argument("--dino-checkpoint", help="DINOv2 hub-format state dict, with --sam2-checkpoint")
+    g.add_argument("--sam2-config", default="sam2_hiera_s", help=f"one of {', '.join(SAM2_CONFIGS)}")
+    g.add_argument("--dino", default="dinov2_vitb14", help=f"one of {', '.join(DINO_MODELS)}")
+    g.add_argument("--image-size", type=int, default=512, help="model input side, a multiple of 16")
+    g.add_argument("--num-refine", type=int, default=3)
+    g.add_argument("--refine", default="v1", choices=REFINE_VERSIONS)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights used without a checkpoint")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def config_from_args(args, shots: int) -> FSSAMConfig:
+    return FSSAMConfig(sam2_config=args.sam2_config, dino=args.dino, image_size=args.image_size, shots=shots,
+                       num_refine=args.num_refine, refine=args.refine)
+
+
+def build_pipeline(args, cfg: FSSAMConfig):
+    from .model import Pipeline
+
+    if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):
+        print("WARNING: no checkpoint given: RANDOM weights (seed %d). The masks mean nothing; "
+              "use this only for export and speed work." % args.seed, file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSSAM is running with RANDOM weights")
+        return Pipeline.from_config(cfg, args.checkpoint, args.sam2_checkpoint, args.dino_checkpoint,
+                                    seed=args.seed, device=args.device)
+
+
+def cmd_run(args) -> int:
+    from .episode_files import load_supports, segment_queries
+    from .imageio import list_images, read_image, write_mask, write_overlay
+
+    queries = list_images(args.query)
+    cfg = config_from_args(args, shots=len(args.support))
+    supports = load_supports(args.support, args.support_mask, cfg.image_size)
+    if len(queries) > 1 and not Path(args.out).suffix == "":
+        raise FSSAMError(f"--out {args.out}: with {len(queries)} queries, --out must be a folder")
+    pipe = build_pipeline(args, cfg)
+    t0 = time.perf_counter()
+    for res in segment_queries(pipe, supports, queries, batch=args.batch, device=args.device):
+        many = len(queries) > 1
+        out = Path(args.out) / f"{res.path.stem}.png" if many else Path(args.out)
+        write_mask(out, res.mask)
+        if args.logits:
+            import numpy as np
+
+            np.save(Path(args.logits) / f"{res.path.stem}.npy" if many else args.logits, res.logits)
+        if args.overlay:
+            ov = Path(args.overlay) / f"{res.path.stem}.png" if many else Path(args.overlay)
+            write_overlay(ov, read_image(res.path), res.mask)
+        print(f"{res.path}: mask {out} ({res.mask.mean() * 100:.1f}% foreground)")
+    dt = time.perf_counter() - t0
+    print(f"{len(queries)} query(ies) against {len(args.support)} support(s) in {dt:.2f} s "
+          f"({cfg.sam2_config}, {cfg.dino}, {cfg.image_size} px, {args.device})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo_run import run_demo
+
+    return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: run, export, verify, bench")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="a built-in synthetic episode end to end (no files, no weights needed)")
+    d.add_argument("--out-dir", default="fssam-demo", help="where the mask, overlay and inputs are written")
+    d.add_argument("--preset", default="tiny", help="config preset (tiny, paper, ...)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="segment query image(s) given support images and masks")
+    add_model_flags(r)
+    r.add_argument("--query", action="append", required=True, help="query image or folder (repeatable)")
+    r.add_argument("--support", action="append", required=True, help="support image (repeat for K shots)")
+    r.add_argument("--support-mask", action="append", required=True, help="mask of each --support, in order")
+    r.add_argument("--out", required=True, help="mask PNG (a folder when there are several queries)")
+    r.add_argument("--logits", help="also write float32 logits at the query's size (.npy; a folder for many)")
+    r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
+    r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FSSAMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
