@@ -36,8 +36,8 @@ def build_pipeline(args, cfg: FSSAMConfig):
     from .model import Pipeline
 
     if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):
-        print("WARNING: no checkpoint given: RANDOM weights (seed %d). The masks mean nothing; "
-              "use this only for export and speed work." % args.seed, file=sys.stderr)
+        print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}). The masks mean nothing; "
+              "use this only for export and speed work.", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="FSSAM is running with RANDOM weights")
         return Pipeline.from_config(cfg, args.checkpoint, args.sam2_checkpoint, args.dino_checkpoint,
@@ -46,9 +46,10 @@ def build_pipeline(args, cfg: FSSAMConfig):
 
 def cmd_run(args) -> int:
     from .episode_files import load_supports, segment_queries
-    from .imageio import list_images, read_image, write_mask, write_overlay
+    from .imageio import check_readable, list_images, read_image, write_mask, write_overlay
 
     queries = list_images(args.query)
+    check_readable(queries)
     cfg = config_from_args(args, shots=len(args.support))
     supports = load_supports(args.support, args.support_mask, cfg.image_size)
     if len(queries) > 1 and not Path(args.out).suffix == "":

@@ -49,6 +49,20 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return (arr > 0).astype(np.float32)
 
 
+def check_readable(paths) -> None:
+    """Open each image header (cheap, no decoding) so a bad file fails before any model work."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except FileNotFoundError:
+            raise InputError(f"{p}: image file not found") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"{p}: cannot read image ({exc})") from None
+
+
 def list_images(paths: list[str]) -> list[Path]:
     """Files, and the images inside folders (sorted)."""
     out: list[Path] = []
@@ -58,6 +72,8 @@ def list_images(paths: list[str]) -> list[Path]:
             if not found:
                 raise InputError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out.extend(found)
+        elif not p.is_file():
+            raise InputError(f"{p}: image file not found")
         else:
             out.append(p)
     return out
@@ -65,7 +81,7 @@ def list_images(paths: list[str]) -> list[Path]:
 
 def image_to_tensor(img: np.ndarray, size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, S, S) float32 in 0..255, bilinear resize."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+    t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None]
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
     return t[0]
@@ -73,7 +89,7 @@ def image_to_tensor(img: np.ndarray, size: int) -> torch.Tensor:
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """(H, W) {0, 1} -> (S, S) float32, nearest resize (keeps it binary)."""
-    t = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
+    t = torch.from_numpy(np.array(mask, dtype=np.float32, copy=True)).float()[None, None]
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="nearest")
     return t[0, 0]

@@ -60,6 +60,8 @@ if _tk is not None:
             return calibrated_attention_reference(q, k, v, c, n_sup, n_qry)
         check_calibrated_attention_inputs(q, k, v, c, n_sup, n_qry)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, Nq, D)
+        if out.numel() == 0:
+            return out
         if _tk.INTERPRETED:  # pytorch#152868: no wrap_triton on interpreted kernels
             return out if is_fake(q) else _tk.calibrated_attention_triton(q, k, v, c, n_sup, n_qry)
         with _device_guard(q):

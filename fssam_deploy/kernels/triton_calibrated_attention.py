@@ -12,15 +12,18 @@ and then softmax(L) v. Since L = s r with s = 1 / sqrt(D),
 which is the same number in exact arithmetic and is computed from the raw dot products, so an
 all-equal row gives A == 0 exactly (no fused multiply-add can round r * s differently in the two
 sweeps below). Each program owns BLOCK_M query rows of one (batch, head) and makes two sweeps:
-  A. over the query block only: the row min and max of r (a third more QK work for 1-shot);
+  A. over the query block only: the row min and max of r (n_qry / Nk more q k^T work: +50% of
+     it, +25% of all FLOPs, for 1-shot; +17% of it for the 5-shot layout);
   B. over all keys, FlashAttention-style: a running max m, running sum l and accumulator acc,
      rescaled by exp2(m_old - m_new) whenever the max grows; the query block gets the bias.
 Logits are kept in base 2 (t = L * log2 e) so that exp2 is the only transcendental.
 
 The kernel uses plain pointer loads only (no TMA descriptors, no scratch, no clusters) and takes
 int lengths at run time, so `triton.compile` can build it ahead of time for a TensorRT plugin
-(see `aot.py`). Under TRITON_INTERPRET=1 (set before this module is imported) it runs on CPU
-tensors; bf16 `tl.dot` is wrong in the interpreter, fp32/fp16 are right.
+(see `aot.py`). Under TRITON_INTERPRET=1 (set before triton is imported) it runs on CPU tensors;
+bf16 `tl.dot` is wrong in the interpreter, fp32/fp16 are right. fp32 inputs use IEEE dots (CUDA
+cores, like the fp32 reference); fp16/bf16 use tensor cores with fp32 accumulation, and P is
+rounded to the input dtype before P @ V, as in FlashAttention.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InputError
 from .checks import check_calibrated_attention_inputs
 from .reference import BIAS_SCALE, EPS
 
@@ -57,7 +60,7 @@ def device_supported(device: torch.device) -> bool:
 _DEFAULT_SHARED_MEMORY = 99 * 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_shared_memory(device_index: int) -> int:
     if not torch.cuda.is_available():  # e.g. tracing with fake CUDA tensors on a CPU-only machine
         return _DEFAULT_SHARED_MEMORY
@@ -138,7 +141,10 @@ def _calibrated_attn_fwd(
     HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
 ):
-    """Out[z, h, m] = softmax over keys of the calibrated logits of q[z, h, m], times v. Grid (cdiv(Nq, BLOCK_M), B*H)."""
+    """Out[z, h, m] = softmax of the calibrated logits of q[z, h, m] over all keys, times v.
+
+    Grid (cdiv(Nq, BLOCK_M), B * H). Lengths are runtime ints; D, the scale and the tiles are constexprs.
+    """
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
@@ -186,8 +192,8 @@ INTERPRETED = not isinstance(_calibrated_attn_fwd, triton.runtime.JITFunction)
 
 def _autotune_configs() -> list[triton.Config]:
     # (BLOCK_M, BLOCK_N, num_stages, num_warps). Small BLOCK_M keeps more programs alive at Nq=1024, B=1.
-    shapes = [(16, 32, 1, 4), (16, 64, 2, 4), (32, 32, 2, 4), (32, 64, 2, 4), (32, 64, 3, 4), (64, 32, 2, 4), (64, 64, 2, 4),
-              (64, 64, 2, 8), (64, 64, 3, 8), (64, 128, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8)]
+    shapes = [(16, 32, 1, 4), (16, 64, 2, 4), (32, 32, 2, 4), (32, 64, 2, 4), (32, 64, 3, 4), (64, 32, 2, 4),
+              (64, 64, 2, 4), (64, 64, 2, 8), (64, 64, 3, 8), (64, 128, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w) for bm, bn, s, w in shapes]
 
 
@@ -219,12 +225,12 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or [smallest]
 
 
-# Tuning results live in this process only (cache_results=False): nothing is written into the package.
+# Tuning results live in this process (Triton's default): nothing is ever written into the installed
+# package; with TRITON_CACHE_AUTOTUNING=1 Triton keeps them in its own cache dir (TRITON_CACHE_DIR).
 _calibrated_attn_fwd_tuned = triton.autotune(
     configs=_autotune_configs(),
     key=["N_Q", "N_K", "HEAD_DIM"],  # the autotuner appends the dtypes of the tensor arguments
     prune_configs_by={"early_config_prune": _prune_configs},
-    cache_results=False,
 )(_calibrated_attn_fwd)
 
 
@@ -280,10 +286,15 @@ def calibrated_attention_triton(q, k, v, c, n_sup: int, n_qry: int, *, config: K
 
     q (B, H, Nq, D), k and v (B, H, Nk, D) in fp32/fp16/bf16 with D in {32, 64, 128, 256};
     c (B, H, n_qry) calibration weights. `config` None autotunes on (Nq, Nk, D, dtype) on GPU and
-    uses INTERPRETER_CONFIG under TRITON_INTERPRET=1. Raises InputError for invalid inputs and
-    BackendUnavailableError when the tensors' device cannot run the kernel.
+    uses INTERPRETER_CONFIG under TRITON_INTERPRET=1. Inference only (no backward). Raises InputError
+    for invalid inputs and BackendUnavailableError when the tensors' device cannot run the kernel.
     """
     check_calibrated_attention_inputs(q, k, v, c, n_sup, n_qry)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, c)):
+        raise InputError(
+            "calibrated_attention_triton: the fused kernel has no backward, but an input requires grad; "
+            "use backend='torch' for training, or call it under torch.no_grad()"
+        )
     if not INTERPRETED and not device_supported(q.device):
         raise BackendUnavailableError(
             f"the fused Triton kernel cannot run on {q.device}: it needs an NVIDIA GPU with compute capability "

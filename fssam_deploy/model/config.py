@@ -76,7 +76,7 @@ class FSSAMConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FSSAMConfig":
+    def from_dict(cls, d: dict) -> FSSAMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -84,13 +84,13 @@ class FSSAMConfig:
         return cls(**d)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "FSSAMConfig":
+    def from_name(cls, name: str, **overrides) -> FSSAMConfig:
         """A named preset, optionally with some fields replaced."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
-    def replace(self, **changes) -> "FSSAMConfig":
+    def replace(self, **changes) -> FSSAMConfig:
         return dataclasses.replace(self, **changes)
 
 

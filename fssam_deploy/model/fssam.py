@@ -35,7 +35,7 @@ def random_weights(cfg: FSSAMConfig, seed: int = 0) -> FSSAMWeights:
         weights = FSSAMWeights(cfg)
         # SAM 2 leaves some parameters at zero (e.g. no_obj_ptr, tpos enc): draw them too,
         # so that every path of the computation is exercised.
-        for name, p in weights.sam2.named_parameters():
+        for p in weights.sam2.parameters():
             if p.dim() >= 1 and torch.count_nonzero(p) == 0:
                 with torch.no_grad():
                     p.normal_(0.0, 0.02)

@@ -47,7 +47,7 @@ class Pipeline(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: FSSAMConfig, checkpoint=None, sam2_checkpoint=None, dino_checkpoint=None,
-                    seed: int = 0, device: str | torch.device = "cpu", attention_backend: str = "auto") -> "Pipeline":
+                    seed: int = 0, device: str | torch.device = "cpu", attention_backend: str = "auto") -> Pipeline:
         """Build the architecture of `cfg`, load weights (or draw them from `seed`)."""
         random = checkpoint is None and sam2_checkpoint is None and dino_checkpoint is None
         weights = random_weights(cfg, seed)
@@ -92,7 +92,7 @@ class Pipeline(nn.Module):
         masks = check_episode(query, supports, support_masks, self.cfg.image_size)
         return self.segment_query(query, self.encode_supports(supports, masks))
 
-    def with_supports(self, supports: torch.Tensor, support_masks: torch.Tensor) -> "SupportSession":
+    def with_supports(self, supports: torch.Tensor, support_masks: torch.Tensor) -> SupportSession:
         """Encode a support set once; `session.segment(query)` runs only the query side."""
         masks = check_episode(supports[:, 0], supports, support_masks, self.cfg.image_size)
         return SupportSession(self, self.encode_supports(supports, masks))

@@ -8,11 +8,11 @@ import torch
 from fssam_deploy.kernels import calibrated_attention, calibrated_attention_reference
 from fssam_deploy.kernels.triton_calibrated_attention import INTERPRETED, calibrated_attention_triton
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     INTERPRETED or not torch.cuda.is_available(),
     reason="needs a CUDA GPU running the compiled kernel (no CUDA here, or TRITON_INTERPRET=1: bf16 tl.dot is "
     "wrong in the Triton interpreter and the full SAM 2 shapes are far too slow for it)",
-)
+)]
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}

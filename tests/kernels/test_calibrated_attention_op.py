@@ -100,7 +100,7 @@ def test_unknown_backend():
         calibrated_attention(q, q, q, torch.zeros(1, 1, 2), 1, 2, backend="cuda")
 
 
-def test_triton_available_under_the_interpreter_or_gpu():
+def test_triton_available_under_the_interpreter_or_gpu(kernel_device):
     assert kernels.triton_available()
 
 

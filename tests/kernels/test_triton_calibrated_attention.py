@@ -22,7 +22,11 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
-def assert_matches_reference(q, k, v, c, n_sup, n_qry, config=None):
+# A fixed launch config: on a GPU, autotuning every test shape would compile ~10 configs each.
+DEFAULT_CONFIG = KernelConfig(64, 64)
+
+
+def assert_matches_reference(q, k, v, c, n_sup, n_qry, config=DEFAULT_CONFIG):
     out = calibrated_attention_triton(q, k, v, c, n_sup, n_qry, config=config)
     ref = calibrated_attention_reference(q, k, v, c, n_sup, n_qry)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
@@ -144,7 +148,7 @@ def test_golden_vectors(kernel_device, name):
 @pytest.mark.parametrize(
     "mutate, n_sup, n_qry, match",
     [
-        (lambda q, k, v, c: (q, k[..., :16], v, c), 8, 8, r"k in calibrated_attention: expected shape \(1, 1, \*, 32\)"),
+        (lambda q, k, v, c: (q, k[..., :16], v, c), 8, 8, r"k in calibrated_attention: expected shape \(1, 1, \*, 32"),
         (lambda q, k, v, c: (q, k, v[:, :, :-1], c), 8, 8, r"v in calibrated_attention: expected shape"),
         (lambda q, k, v, c: (q, k, v, c[..., :4]), 8, 8, r"c in calibrated_attention: expected shape \(1, 1, 8\)"),
         (lambda q, k, v, c: (q[0], k, v, c), 8, 8, r"q in calibrated_attention: expected shape \(\*, \*, \*, \*\)"),
@@ -165,6 +169,12 @@ def test_input_errors(mutate, n_sup, n_qry, match):
     q, k, v, c = (torch.randn(1, 1, 4, 32), torch.randn(1, 1, 16, 32), torch.randn(1, 1, 16, 32), torch.rand(1, 1, 8))
     with pytest.raises(InputError, match=match):
         calibrated_attention_triton(*mutate(q, k, v, c), n_sup, n_qry)
+
+
+def test_no_backward():
+    q, k, c = torch.randn(1, 1, 4, 32, requires_grad=True), torch.randn(1, 1, 16, 32), torch.rand(1, 1, 8)
+    with pytest.raises(InputError, match="the fused kernel has no backward"):
+        calibrated_attention_triton(q, k, k, c, 8, 8)
 
 
 def test_kernel_config_rejects_bad_tiles():

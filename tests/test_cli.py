@@ -1,0 +1,106 @@
+"""The `fssam` command end to end: demo, run (files, folders, formats), bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fssam_deploy.cli import main
+from fssam_deploy.demo import synthetic_episode
+from fssam_deploy.model import random_weights, save_fssam_checkpoint
+
+TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-size", "256"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A query (JPEG, 300x200), a second query (RGBA PNG), 2 supports of other sizes, masks, checkpoint."""
+    d = tmp_path_factory.mktemp("cli")
+    q, _, sups, masks = synthetic_episode(256, shots=2, seed=1)
+    Image.fromarray(q).resize((300, 200)).save(d / "query.jpg")
+    (d / "queries").mkdir()
+    Image.fromarray(q).resize((300, 200)).save(d / "queries" / "a.jpg")
+    Image.fromarray(np.dstack([q, np.full(q.shape[:2], 255, np.uint8)])).save(d / "queries" / "b.png")
+    for i, (s, m) in enumerate(zip(sups, masks)):
+        size = (240 + 40 * i, 180)
+        Image.fromarray(s).resize(size).convert("L").save(d / f"s{i}.png")  # a gray support
+        Image.fromarray((m * 255).astype(np.uint8)).resize(size, Image.NEAREST).save(d / f"m{i}.png")
+    from fssam_deploy.model import FSSAMConfig
+
+    save_fssam_checkpoint(random_weights(FSSAMConfig.from_name("tiny"), 2), d / "ckpt.pth")
+    return d
+
+
+def test_demo_with_no_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "logits (1, 1, 256, 256)" in out
+    for f in ("mask.png", "overlay.png", "query.png", "support_0.png", "logits.npy"):
+        assert (tmp_path / "fssam-demo" / f).is_file()
+
+
+def test_run_one_query(files, tmp_path, capsys):
+    d = files
+    rc = main(["run", *TINY, "--checkpoint", str(d / "ckpt.pth"), "--query", str(d / "query.jpg"),
+               "--support", str(d / "s0.png"), "--support-mask", str(d / "m0.png"),
+               "--out", str(tmp_path / "mask.png"), "--logits", str(tmp_path / "l.npy"),
+               "--overlay", str(tmp_path / "ov.png")])
+    assert rc == 0
+    mask = np.asarray(Image.open(tmp_path / "mask.png"))
+    logits = np.load(tmp_path / "l.npy")
+    assert mask.shape == (200, 300) and logits.shape == (200, 300) and logits.dtype == np.float32
+    assert set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask > 0, 1 / (1 + np.exp(-logits)) >= 0.5)
+    assert Image.open(tmp_path / "ov.png").size == (300, 200)
+    assert "1 query(ies) against 1 support(s)" in capsys.readouterr().out
+
+
+def test_run_folder_of_queries_two_shots(files, tmp_path):
+    d = files
+    rc = main(["run", *TINY, "--checkpoint", str(d / "ckpt.pth"), "--query", str(d / "queries"),
+               "--support", str(d / "s0.png"), "--support-mask", str(d / "m0.png"),
+               "--support", str(d / "s1.png"), "--support-mask", str(d / "m1.png"),
+               "--out", str(tmp_path / "masks"), "--batch", "2"])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("count", r"1 support image\(s\) but 2 support mask\(s\)"),
+    ("size", "m1.png: mask is 280x180 .* but its support .*s0.png is 240x180"),
+    ("unreadable", "query.txt: cannot read image"),
+    ("missing", "nope.jpg: image file not found"),
+    ("config", "unknown SAM 2 config 'sam2_hiera_xl'"),
+    ("channels", "a mask must have one channel"),
+])
+def test_run_bad_input(files, tmp_path, capsys, case, match):
+    d = files
+    (tmp_path / "query.txt").write_text("hello")
+    rgb = np.zeros((180, 240, 3), np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "rgbmask.png")
+    q, s, m = str(d / "query.jpg"), str(d / "s0.png"), str(d / "m0.png")
+    args = {"count": ["--support", s, "--support-mask", m, "--support-mask", m],
+            "size": ["--support", s, "--support-mask", str(d / "m1.png")],
+            "channels": ["--support", s, "--support-mask", str(tmp_path / "rgbmask.png")]}.get(
+        case, ["--support", s, "--support-mask", m])
+    query = {"unreadable": str(tmp_path / "query.txt"), "missing": str(tmp_path / "nope.jpg")}.get(case, q)
+    model = ["--sam2-config", "sam2_hiera_xl"] if case == "config" else TINY
+    rc = main(["run", *model, "--query", query, *args, "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    import re
+
+    assert re.search(match, err), err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+
+
+def test_run_wrong_architecture_checkpoint(files, tmp_path, capsys):
+    d = files
+    rc = main(["run", "--sam2-config", "sam2_hiera_s", "--dino", "dinov2_vits14", "--image-size", "256",
+               "--checkpoint", str(d / "ckpt.pth"), "--query", str(d / "query.jpg"), "--support", str(d / "s0.png"),
+               "--support-mask", str(d / "m0.png"), "--out", str(tmp_path / "o.png")])
+    assert rc == 1
+    assert "weights do not fit this architecture" in capsys.readouterr().err
