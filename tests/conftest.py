@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
+# set before anything imports triton, hence here, in the first conftest pytest loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
