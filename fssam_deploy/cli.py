@@ -80,6 +80,27 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset)
 
 
+def cmd_bench(args) -> int:
+    from .bench.report import markdown_table
+    from .bench.run import BenchSettings, run_bench
+
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    cfg = config_from_args(args, shots=1)
+    if not args.checkpoint:
+        print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}); latency is real, masks are not.",
+              file=sys.stderr)
+    st = BenchSettings(backends=args.backends.split(","), batches=ints(args.batch), shots=ints(args.shots), cfg=cfg,
+                       warmup=args.warmup, iters=args.iters, device=args.device, checkpoint=args.checkpoint,
+                       seed=args.seed, engine_dir=args.engine_dir, threads=args.threads)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="benchmarking RANDOM weights")
+        result = run_bench(st, args.out, progress=not args.no_progress)
+    print(markdown_table(result))
+    if args.out:
+        print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: run, export, verify, bench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +121,20 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
     r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
     r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="latency, throughput, memory and parity per backend")
+    add_model_flags(b)
+    b.add_argument("--backends", default="torch", help="comma list: torch, torch-bf16, torch-fused, torch-compile, "
+                   "onnxruntime, aoti")
+    b.add_argument("--batch", default="1", help="comma list of batch sizes")
+    b.add_argument("--shots", default="1", help="comma list of shot counts")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--iters", type=int, default=5)
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--engine-dir", help="exported graphs / engines for the onnxruntime, aoti backends")
+    b.add_argument("--out", help="folder for bench.json, bench.md, bench.png")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of whole episodes and of stages, across backends (`fssam bench`)."""

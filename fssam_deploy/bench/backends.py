@@ -1,0 +1,91 @@
+"""Episode backends for benchmarks and cross-backend checks: one small adapter per backend.
+
+Every backend answers `encode_supports(supports, masks) -> handle` and
+`segment_query(query, handle) -> logits (B, 1, S, S)` on the same inputs, and reports the
+seconds spent in each stage of its last call (`stage_times`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+from ..model import FSSAMConfig, Pipeline, load_weights, random_weights
+from .stage_timer import StageTimer
+
+
+class TorchBackend:
+    """PyTorch eager (optionally bf16 autocast on CUDA, the fused attention, or torch.compile)."""
+
+    def __init__(self, name: str, cfg: FSSAMConfig, weights, device, autocast_bf16=False,
+                 attention="torch", compile_stages=False):
+        self.name, self.device = name, torch.device(device)
+        self.autocast_bf16 = autocast_bf16
+        self.pipeline = Pipeline(weights, attention_backend=attention).to(self.device).eval()
+        if compile_stages:
+            for mod in self.pipeline.stage_modules.values():
+                mod.forward = torch.compile(mod.forward, dynamic=False)
+        self.timer = StageTimer(self.pipeline.stages, self.device)
+        self.settings = {"autocast_bf16": autocast_bf16, "attention": attention, "torch_compile": compile_stages}
+
+    def _ctx(self):
+        if self.autocast_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_supports(self, supports, masks):
+        with self._ctx():
+            return self.pipeline.encode_supports(supports.to(self.device), masks.to(self.device))
+
+    def segment_query(self, query, handle):
+        with self._ctx():
+            return self.pipeline.segment_query(query.to(self.device), handle).float()
+
+    @contextlib.contextmanager
+    def timing_stages(self):
+        """Inside, `self.timer.times` collects per-stage seconds."""
+        self.timer.reset()
+        with self.timer:
+            yield self.timer.times
+
+
+def _needs_cuda(name: str, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"backend {name!r} runs on a CUDA device only (got --device {device})")
+
+
+def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None):
+    """Build a backend by name: torch, torch-bf16, torch-fused, torch-compile, onnxruntime, aoti."""
+    device = torch.device(device)
+    if name == "torch":
+        return TorchBackend(name, cfg, weights, device)
+    if name == "torch-bf16":
+        _needs_cuda(name, device)
+        return TorchBackend(name, cfg, weights, device, autocast_bf16=True)
+    if name == "torch-fused":
+        _needs_cuda(name, device)
+        return TorchBackend(name, cfg, weights, device, attention="op")
+    if name == "torch-compile":
+        attention = "op" if device.type == "cuda" else "torch"
+        return TorchBackend(name, cfg, weights, device, attention=attention, compile_stages=True)
+    if name in EXTERNAL_BACKENDS:
+        return EXTERNAL_BACKENDS[name](cfg, weights, device, engine_dir)
+    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", *EXTERNAL_BACKENDS]
+    raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(known)}")
+
+
+# Backends that live in fssam_deploy.runtime register an adapter factory here.
+EXTERNAL_BACKENDS: dict = {}
+
+
+def load_bench_weights(cfg: FSSAMConfig, checkpoint=None, seed: int = 0):
+    """The weights every backend of one benchmark shares."""
+    weights = random_weights(cfg, seed)
+    if checkpoint:
+        load_weights(weights, checkpoint)
+    else:
+        warnings.warn("benchmarking RANDOM weights: latency is real, masks are not", stacklevel=2)
+    return weights
