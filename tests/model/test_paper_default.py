@@ -32,3 +32,15 @@ def test_paper_default_end_to_end(tmp_path):
     q5, sx5, sy5 = make_episode(cfg, batch=1, shots=5, seed=3)
     full = pipe.segment(q5, sx5, sy5)
     torch.testing.assert_close(pipe.with_supports(sx5, sy5).segment(q5), full, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_image_size_1024_runs():
+    cfg = FSSAMConfig.from_name("tiny", image_size=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = Pipeline.from_config(cfg, seed=0)
+    q, sx, sy = make_episode(cfg, batch=1, shots=1, seed=2)
+    logits = pipe.segment(q, sx, sy)
+    assert logits.shape == (1, 1, 1024, 1024) and torch.isfinite(logits).all()
+    assert pipe.stages.decoder.attention.rope_cos.shape == (64 * 64, 128)
