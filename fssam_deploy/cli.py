@@ -44,6 +44,17 @@ def build_pipeline(args, cfg: FSSAMConfig):
                                     seed=args.seed, device=args.device)
 
 
+def build_backend(args, cfg: FSSAMConfig):
+    """The torch Pipeline, or an ONNX Runtime episode over exported graphs (same segment API)."""
+    if args.backend == "torch":
+        return build_pipeline(args, cfg)
+    from .runtime.episode import OnnxEpisode
+
+    if not args.engine_dir:
+        raise FSSAMError("--backend onnxruntime needs --engine-dir (graphs written by `fssam export`)")
+    return OnnxEpisode(args.engine_dir, expect=cfg, device=args.device)
+
+
 def cmd_run(args) -> int:
     from .episode_files import load_supports, segment_queries
     from .imageio import check_readable, list_images, read_image, write_mask, write_overlay
@@ -54,7 +65,7 @@ def cmd_run(args) -> int:
     supports = load_supports(args.support, args.support_mask, cfg.image_size)
     if len(queries) > 1 and not Path(args.out).suffix == "":
         raise FSSAMError(f"--out {args.out}: with {len(queries)} queries, --out must be a folder")
-    pipe = build_pipeline(args, cfg)
+    pipe = build_backend(args, cfg)
     t0 = time.perf_counter()
     for res in segment_queries(pipe, supports, queries, batch=args.batch, device=args.device):
         many = len(queries) > 1
@@ -101,6 +112,36 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.onnx_export import export_onnx
+
+    cfg = config_from_args(args, shots=args.shots)
+    if not args.checkpoint:
+        print(f"WARNING: no checkpoint given: exporting RANDOM weights (seed {args.seed}).", file=sys.stderr)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_onnx(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
+                          batch=args.batch, precision=args.precision, progress=not args.no_progress)
+    print(f"wrote {out}/ (5 ONNX graphs + manifest.json) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .export.verify import verify
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch)
+    print(report.table())
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    print("PASS" if report.passed else "FAIL: outputs differ from PyTorch beyond tolerance")
+    return 0 if report.passed else 1
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: run, export, verify, bench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,7 +161,26 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits", help="also write float32 logits at the query's size (.npy; a folder for many)")
     r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
     r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
+    r.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    r.add_argument("--engine-dir", help="graphs written by `fssam export` (for --backend onnxruntime)")
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export", help="one ONNX graph per stage + manifest.json")
+    add_model_flags(e)
+    e.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--batch", default="1", choices=["1", "dynamic"])
+    e.add_argument("--shots", type=int, default=1)
+    e.add_argument("--precision", default="fp32", choices=["fp32"])
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="compare exported graphs with PyTorch (per stage and end to end)")
+    v.add_argument("--engine-dir", required=True)
+    v.add_argument("--checkpoint", help="the checkpoint the graphs were exported from (if any)")
+    v.add_argument("--batch", type=int, default=1)
+    v.add_argument("--json", help="also write the report as JSON")
+    v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("bench", help="latency, throughput, memory and parity per backend")
     add_model_flags(b)

@@ -57,7 +57,38 @@ def _needs_cuda(name: str, device: torch.device) -> None:
         raise BackendUnavailableError(f"backend {name!r} runs on a CUDA device only (got --device {device})")
 
 
-def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None):
+class OnnxRuntimeBackend:
+    """ONNX Runtime over exported graphs; exports them (dynamic batch) when no engine dir is given."""
+
+    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0, threads=None):
+        import tempfile
+
+        from ..export.onnx_export import export_onnx
+        from ..runtime.episode import OnnxEpisode
+
+        self.name, self.device = "onnxruntime", torch.device(device)
+        if engine_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fssam-bench-onnx-")
+            engine_dir = export_onnx(cfg, f"{self._tmp.name}/graphs", checkpoint, seed, batch="dynamic",
+                                     progress=False)
+        self.episode = OnnxEpisode(engine_dir, expect=cfg, device=device, threads=threads)
+        self.settings = {"engine_dir": str(engine_dir), "providers": self.episode.runners["decoder"].session
+                         .get_providers()}
+
+    def encode_supports(self, supports, masks):
+        return self.episode.encode_supports(supports.to(self.device), masks.to(self.device))
+
+    def segment_query(self, query, handle):
+        return self.episode.segment_query(query.to(self.device), handle)
+
+    @contextlib.contextmanager
+    def timing_stages(self):
+        self.episode.stage_times = {}
+        yield self.episode.stage_times
+
+
+def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None, checkpoint=None, seed=0,
+                 threads=None):
     """Build a backend by name: torch, torch-bf16, torch-fused, torch-compile, onnxruntime, aoti."""
     device = torch.device(device)
     if name == "torch":
@@ -71,9 +102,11 @@ def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None):
     if name == "torch-compile":
         attention = "op" if device.type == "cuda" else "torch"
         return TorchBackend(name, cfg, weights, device, attention=attention, compile_stages=True)
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(cfg, device, engine_dir, checkpoint, seed, threads)
     if name in EXTERNAL_BACKENDS:
         return EXTERNAL_BACKENDS[name](cfg, weights, device, engine_dir)
-    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", *EXTERNAL_BACKENDS]
+    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "onnxruntime", *EXTERNAL_BACKENDS]
     raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(known)}")
 
 

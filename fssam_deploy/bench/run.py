@@ -118,7 +118,8 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
         for shots in st.shots:
             cfg = st.cfg.replace(shots=shots)
             weights = load_bench_weights(cfg, st.checkpoint, st.seed)
-            backends = [make_backend(n, cfg, weights, st.device, st.engine_dir) for n in st.backends]
+            backends = [make_backend(n, cfg, weights, st.device, st.engine_dir if shots == st.cfg.shots else None,
+                                     st.checkpoint, st.seed, st.threads) for n in st.backends]
             ref_backend = make_backend("torch", cfg, weights, st.device)
             for batch in st.batches:
                 inputs = episode_inputs(cfg, batch, shots, st.seed)

@@ -1,0 +1,142 @@
+"""Export every stage to ONNX (dynamo exporter), check, simplify, and write a manifest; atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, EngineError
+from ..model import FSSAMConfig, build_stages, load_weights, random_weights
+from ..model.checkpoint import file_sha256
+from .specs import STAGE_SPECS, StageSpec, stage_module
+
+MANIFEST = "manifest.json"
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+def export_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int,
+                 dynamic: bool, shots: int) -> dict:
+    """Export one stage to `path`; returns its manifest entry (node counts before/after onnxslim)."""
+    import onnx
+    import onnxslim
+
+    example = spec.dummy_inputs(cfg, batch=2 if dynamic else 1, shots=shots)
+    dyn = None
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        dyn = tuple({0: batch} for _ in spec.inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(example.values()), str(path), dynamo=True, opset_version=opset,
+                          input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=dyn,
+                          optimize=True, verbose=False)
+    model = onnx.load(str(path))
+    nodes_before = len(model.graph.node)
+    slim = onnxslim.slim(model)
+    onnx.save(slim, str(path))
+    check_graph(path)
+    return {"file": path.name, "nodes": len(slim.graph.node), "nodes_before_onnxslim": nodes_before,
+            "inputs": io_entries(spec.inputs, cfg, dynamic, shots),
+            "outputs": io_entries(spec.outputs, cfg, dynamic, shots),
+            "sha256": file_sha256(path)}
+
+
+def io_entries(tensors, cfg, dynamic: bool, shots: int) -> list[dict]:
+    out = []
+    for t in tensors:
+        shape = list(t.concrete(cfg, 1, shots))
+        if dynamic:
+            shape[0] = "batch"
+        out.append({"name": t.name, "shape": shape, "dtype": "float32"})
+    return out
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker with full shape inference, and only standard-domain ops."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    odd = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if odd:
+        raise EngineError(f"{path}: non-standard ops in the graph: {odd}")
+
+
+def export_onnx(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int = 0, opset: int = 18,
+                batch: str = "1", precision: str = "fp32", stages: list[str] | None = None,
+                progress: bool = True) -> Path:
+    """Write one ONNX graph per stage and `manifest.json` into `out_dir` (replaced atomically)."""
+    if precision != "fp32":
+        raise ConfigError(f"precision {precision!r}: only fp32 graphs are exported so far")
+    if batch not in ("1", "dynamic"):
+        raise ConfigError(f"batch must be '1' or 'dynamic', got {batch!r}")
+    names = stages or list(STAGE_SPECS)
+    unknown = sorted(set(names) - set(STAGE_SPECS))
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; choose from {list(STAGE_SPECS)}")
+    weights = random_weights(cfg, seed)
+    if checkpoint is not None:
+        load_weights(weights, checkpoint)
+    module_set = build_stages(weights, attention_backend="torch")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        entries = _export_all(module_set, cfg, names, tmp, opset, batch == "dynamic", progress)
+        manifest = build_manifest(cfg, entries, opset, batch, precision, checkpoint, seed)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _export_all(module_set, cfg, names, tmp: Path, opset: int, dynamic: bool, progress: bool) -> dict:
+    from rich.progress import Progress
+
+    entries = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("export", total=len(names))
+        for name in names:
+            bar.update(task, description=f"exporting {name}")
+            entries[name] = export_stage(stage_module(module_set, name), STAGE_SPECS[name], cfg,
+                                         tmp / f"{name}.onnx", opset, dynamic, cfg.shots)
+            bar.advance(task)
+    return entries
+
+
+def build_manifest(cfg, entries, opset, batch, precision, checkpoint, seed) -> dict:
+    import onnx
+
+    return {"format": "fssam-onnx/1", "config": cfg.to_dict(), "opset": opset, "batch": batch,
+            "precision": precision, "shots": cfg.shots, "stages": entries,
+            "weights": f"sha256:{file_sha256(checkpoint)}" if checkpoint else f"random:{seed}",
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__}}
+
+
+def read_manifest(engine_dir: str | Path, expect: FSSAMConfig | None = None) -> dict:
+    """Load and check `manifest.json`: present, same config as expected, every graph present and intact."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{path}: no manifest; export the graphs with `fssam export --out {engine_dir}`")
+    manifest = json.loads(path.read_text())
+    if expect is not None and manifest["config"] != expect.to_dict():
+        diff = {k: (v, expect.to_dict()[k]) for k, v in manifest["config"].items() if expect.to_dict().get(k) != v}
+        raise EngineError(f"{path}: exported for another config (manifest vs requested: {diff}); re-export")
+    for name, entry in manifest["stages"].items():
+        f = engine_dir / entry["file"]
+        if not f.is_file():
+            raise EngineError(f"{f}: graph of stage {name!r} is missing from the engine dir; re-export")
+    missing = sorted(set(STAGE_SPECS) - set(manifest["stages"]))
+    if missing:
+        raise EngineError(f"{engine_dir}: the manifest lacks stages {missing}; re-export all stages")
+    return manifest

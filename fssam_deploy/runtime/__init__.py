@@ -1,0 +1,1 @@
+"""Runners (one contract for every backend) and the episode orchestration over them."""
