@@ -42,6 +42,9 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        # no busy-waiting worker threads between runs: they would steal the cores from the
+        # other stages (and from PyTorch in side-by-side measurements)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), opts, providers=available_providers(self.device))
         self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
                              for i in self.session.get_inputs()}

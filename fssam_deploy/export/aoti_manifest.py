@@ -1,0 +1,135 @@
+"""The manifest of an AOTInductor package folder: what was compiled, for what, and the staleness checks.
+
+A `.pt2` package is native code for one torch build and one device: a CPU package holds C++
+compiled for the vector ISA of the machine that built it, a CUDA package holds kernels for one
+GPU architecture. `manifest.json` records all of it, and `read_aoti_manifest` refuses a folder
+whose packages cannot be trusted here, with an `EngineError` that says to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import EngineError
+from ..model.checkpoint import file_sha256
+from ..model.config import FSSAMConfig
+
+MANIFEST = "manifest.json"
+AOTI_FORMAT = "fssam-aoti/1"
+REBUILD = "rebuild with `fssam build --format aoti`"
+
+
+def _cpu_isa() -> str | None:
+    """The vector ISA Inductor compiles CPU code for on this machine (e.g. 'avx2'), if it can tell."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa()) or None
+    except Exception:  # private API: absent or failing on some builds
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str | torch.device) -> dict:
+    """{"type", "name", ...}: GPU name and compute capability on CUDA, CPU model and vector ISA on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    if device.type == "cpu":
+        return {"type": "cpu", "name": _cpu_name(), "isa": _cpu_isa()}
+    return {"type": device.type, "name": str(device)}
+
+
+def weights_id(checkpoint, seed: int) -> str:
+    """'sha256:<hex>' of the checkpoint file's content, or 'random:<seed>'."""
+    return f"sha256:{file_sha256(checkpoint)}" if checkpoint is not None else f"random:{seed}"
+
+
+def build_manifest(cfg: FSSAMConfig, entries: dict, device: dict, batch: int, weights: str) -> dict:
+    """The manifest of a package folder whose stages are `entries` ({stage: entry})."""
+    return {"format": AOTI_FORMAT, "config": cfg.to_dict(), "shots": cfg.shots, "batch": batch,
+            "stages": entries, "device": device, "weights": weights,
+            "versions": {"torch": torch.__version__}}
+
+
+def _check_config(path: Path, manifest: dict, expect: FSSAMConfig) -> None:
+    want = expect.to_dict()
+    if manifest["config"] != want:
+        diff = {k: (manifest["config"].get(k), want.get(k)) for k in sorted(set(want) | set(manifest["config"]))
+                if manifest["config"].get(k) != want.get(k)}
+        raise EngineError(f"{path}: packages built for another config (package vs requested: {diff}); "
+                          f"{REBUILD} and this config")
+
+
+def _check_device(path: Path, built: dict, device: torch.device) -> None:
+    if built["type"] != device.type:
+        raise EngineError(f"{path}: packages built for device type {built['type']!r}, asked to run on "
+                          f"{device.type!r}; AOTInductor code runs only where it was compiled: {REBUILD} "
+                          f"--device {device.type}")
+    here = device_info(device)
+    if device.type == "cuda" and (built["name"], built.get("capability")) != (here["name"], here["capability"]):
+        raise EngineError(f"{path}: packages built on GPU {built['name']!r} (sm {built.get('capability')}), this "
+                          f"is {here['name']!r} (sm {here['capability']}); their kernels were tuned and compiled "
+                          f"for that GPU: {REBUILD} on this machine")
+    if device.type == "cpu" and built.get("isa") and here.get("isa") and built["isa"] != here["isa"]:
+        raise EngineError(f"{path}: packages compiled for the {built['isa']} vector ISA, this CPU uses "
+                          f"{here['isa']}: {REBUILD} on this machine")
+
+
+def check_package(package_dir: Path, manifest: dict, stage: str) -> Path:
+    """The path of `stage`'s package, after checking it is listed, present and unchanged (sha256)."""
+    if stage not in manifest["stages"]:
+        raise EngineError(f"{package_dir}: no package for stage {stage!r} (built: {sorted(manifest['stages'])}); "
+                          f"{REBUILD} including it")
+    entry = manifest["stages"][stage]
+    path = package_dir / entry["file"]
+    if not path.is_file():
+        raise EngineError(f"{path}: package of stage {stage!r} is missing; {REBUILD}")
+    if file_sha256(path) != entry["sha256"]:
+        raise EngineError(f"{path}: package content does not match the manifest's sha256 (modified or "
+                          f"replaced after the build); {REBUILD}")
+    return path
+
+
+def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | None = None,
+                       device: str | torch.device | None = None) -> dict:
+    """Load `manifest.json` and refuse stale packages.
+
+    Raises EngineError when the manifest is missing or not an AOTI manifest, when it was built for
+    another config than `expect_config`, by another torch version, or for another device type /
+    GPU (name and compute capability) / CPU vector ISA than `device` (default: the built one).
+    Package hashes are checked per stage by `check_package`.
+    """
+    package_dir = Path(package_dir)
+    path = package_dir / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{path}: no manifest, not an AOTInductor package folder; {REBUILD} --out {package_dir}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from exc
+    if manifest.get("format") != AOTI_FORMAT:
+        raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {AOTI_FORMAT!r}; {REBUILD}")
+    if expect_config is not None:
+        _check_config(path, manifest, expect_config)
+    built_torch = manifest["versions"]["torch"]
+    if built_torch != torch.__version__:
+        raise EngineError(f"{path}: packages built with torch {built_torch}, this is torch {torch.__version__}; "
+                          f"AOTInductor packages are tied to the torch build: {REBUILD}")
+    _check_device(path, manifest["device"], torch.device(device or manifest["device"]["type"]))
+    return manifest
