@@ -76,7 +76,8 @@ class Runner:
         pass
 
     def infer_impl(self, feed):
-        raise NotImplementedError
+        """Abstract: each backend's runner runs its graph here."""
+        raise NotImplementedError(f"{type(self).__name__} must implement infer_impl")
 
 
 class TorchRunner(Runner):
