@@ -21,15 +21,16 @@ class TorchBackend:
     """PyTorch eager (optionally bf16 autocast on CUDA, the fused attention, or torch.compile)."""
 
     def __init__(self, name: str, cfg: FSSAMConfig, weights, device, autocast_bf16=False,
-                 attention="torch", compile_stages=False):
+                 attention="torch", compile_stages=False, compile_mode=None):
         self.name, self.device = name, torch.device(device)
         self.autocast_bf16 = autocast_bf16
         self.pipeline = Pipeline(weights, attention_backend=attention).to(self.device).eval()
         if compile_stages:
             for mod in self.pipeline.stage_modules.values():
-                mod.forward = torch.compile(mod.forward, dynamic=False)
+                mod.forward = torch.compile(mod.forward, dynamic=False, mode=compile_mode)
         self.timer = StageTimer(self.pipeline.stages, self.device)
-        self.settings = {"autocast_bf16": autocast_bf16, "attention": attention, "torch_compile": compile_stages}
+        self.settings = {"autocast_bf16": autocast_bf16, "attention": attention, "torch_compile": compile_stages,
+                         "compile_mode": compile_mode}
 
     def _ctx(self):
         if self.autocast_bf16:
@@ -87,6 +88,28 @@ class OnnxRuntimeBackend:
         yield self.episode.stage_times
 
 
+class AotiBackend(OnnxRuntimeBackend):
+    """AOTInductor packages (`fssam build --format aoti`); compiled here (static batch 1) when no dir is given.
+
+    Shares the ONNX Runtime adapter's episode interface: only the episode it drives differs.
+    """
+
+    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0):
+        import tempfile
+
+        from ..export.aoti import build_aoti
+        from ..runtime.aoti_runner import AotiEpisode
+
+        self.name, self.device = "aoti", torch.device(device)
+        if engine_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fssam-bench-aoti-")
+            engine_dir = build_aoti(cfg, f"{self._tmp.name}/aoti", checkpoint, seed, device=self.device,
+                                    progress=False)
+        self.episode = AotiEpisode(engine_dir, expect_config=cfg, device=self.device)
+        self.settings = {"engine_dir": str(engine_dir), "package_batch": self.episode.manifest["batch"],
+                         "note": "static-batch packages: larger batches run in chunks"}
+
+
 def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None, checkpoint=None, seed=0,
                  threads=None):
     """Build a backend by name: torch, torch-bf16, torch-fused, torch-compile, onnxruntime, aoti."""
@@ -102,11 +125,18 @@ def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None, 
     if name == "torch-compile":
         attention = "op" if device.type == "cuda" else "torch"
         return TorchBackend(name, cfg, weights, device, attention=attention, compile_stages=True)
+    if name == "torch-compile-bf16":  # Inductor + CUDA graphs (reduce-overhead) under bf16 autocast
+        _needs_cuda(name, device)
+        return TorchBackend(name, cfg, weights, device, autocast_bf16=True, attention="op", compile_stages=True,
+                            compile_mode="reduce-overhead")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(cfg, device, engine_dir, checkpoint, seed, threads)
+    if name == "aoti":
+        return AotiBackend(cfg, device, engine_dir, checkpoint, seed)
     if name in EXTERNAL_BACKENDS:
         return EXTERNAL_BACKENDS[name](cfg, weights, device, engine_dir)
-    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "onnxruntime", *EXTERNAL_BACKENDS]
+    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "torch-compile-bf16", "onnxruntime", "aoti",
+             *EXTERNAL_BACKENDS]
     raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(known)}")
 
 
