@@ -53,8 +53,10 @@ def _device_guard(q: torch.Tensor):
 if _tk is not None:
     from torch.library import triton_op, wrap_triton
 
+    # Annotated as well as given a schema: torch 2.11's triton_op infers the schema from the annotations.
     @triton_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
-    def calibrated_attention_op(q, k, v, c, n_sup, n_qry):
+    def calibrated_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, n_sup: int,
+                                n_qry: int) -> torch.Tensor:
         """The registered op: fused Triton kernel on supported CUDA tensors, the reference elsewhere."""
         if not _kernel_runs_on(q):
             return calibrated_attention_reference(q, k, v, c, n_sup, n_qry)
@@ -72,7 +74,8 @@ if _tk is not None:
 else:
 
     @torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
-    def calibrated_attention_op(q, k, v, c, n_sup, n_qry):
+    def calibrated_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, n_sup: int,
+                                n_qry: int) -> torch.Tensor:
         """The registered op without Triton: the plain PyTorch reference on every device."""
         return calibrated_attention_reference(q, k, v, c, n_sup, n_qry)
 
