@@ -27,7 +27,7 @@ class TorchBackend:
         self.pipeline = Pipeline(weights, attention_backend=attention).to(self.device).eval()
         if compile_stages:
             for mod in self.pipeline.stage_modules.values():
-                mod.forward = torch.compile(mod.forward, dynamic=False, mode=compile_mode)
+                mod.forward = compiled_forward(mod.forward, compile_mode)
         self.timer = StageTimer(self.pipeline.stages, self.device)
         self.settings = {"autocast_bf16": autocast_bf16, "attention": attention, "torch_compile": compile_stages,
                          "compile_mode": compile_mode}
@@ -51,6 +51,22 @@ class TorchBackend:
         self.timer.reset()
         with self.timer:
             yield self.timer.times
+
+
+def compiled_forward(forward, mode: str | None):
+    """torch.compile of a stage's forward. Under CUDA graphs ("reduce-overhead") a stage's outputs live in
+    the graph's static buffers, overwritten by its next replay (the image encoder runs on the supports,
+    then the query): they are cloned on the way out."""
+    compiled = torch.compile(forward, dynamic=False, mode=mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def forward_cloned(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+    return forward_cloned
 
 
 def _needs_cuda(name: str, device: torch.device) -> None:
@@ -94,19 +110,22 @@ class AotiBackend(OnnxRuntimeBackend):
     Shares the ONNX Runtime adapter's episode interface: only the episode it drives differs.
     """
 
-    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0):
+    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0,
+                 precision: str = "fp32"):
         import tempfile
 
         from ..export.aoti import build_aoti
         from ..runtime.aoti_runner import AotiEpisode
 
-        self.name, self.device = "aoti", torch.device(device)
+        self.name = "aoti" if precision == "fp32" else f"aoti-{precision}"
+        self.device = torch.device(device)
         if engine_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fssam-bench-aoti-")
             engine_dir = build_aoti(cfg, f"{self._tmp.name}/aoti", checkpoint, seed, device=self.device,
-                                    progress=False)
+                                    precision=precision, progress=False)
         self.episode = AotiEpisode(engine_dir, expect_config=cfg, device=self.device)
         self.settings = {"engine_dir": str(engine_dir), "package_batch": self.episode.manifest["batch"],
+                         "precision": self.episode.manifest.get("precision", "fp32"),
                          "note": "static-batch packages: larger batches run in chunks"}
 
 
@@ -133,10 +152,12 @@ def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None, 
         return OnnxRuntimeBackend(cfg, device, engine_dir, checkpoint, seed, threads)
     if name == "aoti":
         return AotiBackend(cfg, device, engine_dir, checkpoint, seed)
+    if name == "aoti-bf16":  # packages compiled under bf16 autocast (the reference's GPU precision)
+        return AotiBackend(cfg, device, engine_dir, checkpoint, seed, precision="bf16")
     if name in EXTERNAL_BACKENDS:
         return EXTERNAL_BACKENDS[name](cfg, weights, device, engine_dir)
     known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "torch-compile-bf16", "onnxruntime", "aoti",
-             *EXTERNAL_BACKENDS]
+             "aoti-bf16", *EXTERNAL_BACKENDS]
     raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(known)}")
 
 

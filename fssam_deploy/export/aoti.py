@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..model import FSSAMConfig, build_stages, load_weights, random_weights
 from ..model.checkpoint import file_sha256
 from .aoti_manifest import MANIFEST, build_manifest, device_info, weights_id
+from .autocast_stage import AUTOCAST_DTYPES, AutocastStage
 from .specs import STAGE_SPECS, StageSpec, stage_module
 
 ATTENTION_BACKEND = "op"  # the decoder's attention as one custom op: the fused kernel on CUDA
@@ -36,12 +37,18 @@ def export_program(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, d
     example = tuple(t.to(device) for t in spec.dummy_inputs(cfg, batch=batch, shots=shots).values())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        return torch.export.export(module.eval(), example, strict=False)
+        # .to(device): stages own buffers built after the weights moved (e.g. RoPE tables)
+        return torch.export.export(module.to(device).eval(), example, strict=False)
 
 
 def compile_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, device: torch.device,
-                  batch: int) -> dict:
-    """Export and AOT-compile one stage into the package `path`; returns its manifest entry."""
+                  batch: int, precision: str = "fp32") -> dict:
+    """Export and AOT-compile one stage into the package `path`; returns its manifest entry.
+
+    precision "bf16"/"fp16": the stage runs under autocast (float32 inputs and outputs).
+    """
+    if precision != "fp32":
+        module = AutocastStage(module, precision, device.type)
     t0 = time.perf_counter()
     program = export_program(module, spec, cfg, device, batch, cfg.shots)
     t1 = time.perf_counter()
@@ -71,14 +78,17 @@ def _check_request(names: list[str], device: torch.device, batch: int) -> None:
 
 def build_aoti(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int = 0,
                device: str | torch.device = "cpu", stages: list[str] | None = None, batch: int = 1,
-               progress: bool = True) -> Path:
+               precision: str = "fp32", progress: bool = True) -> Path:
     """Compile the stages (all, or those named) into `<stage>.pt2` + `manifest.json` in `out_dir`.
 
     Weights come from `checkpoint` (an FSSAM checkpoint) or are drawn from `seed`. Packages are
     for the local `device` ("cpu" or "cuda[:i]") and a static `batch`. The folder is written in a
     temporary sibling and renamed into place: a failure leaves nothing behind, and an existing
-    `out_dir` is replaced only on success. Returns `out_dir`.
+    `out_dir` is replaced only on success. `precision` "bf16"/"fp16" compiles each stage under
+    autocast (as the reference runs on GPUs). Returns `out_dir`.
     """
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ConfigError(f"precision {precision!r}: choose fp32, {', '.join(AUTOCAST_DTYPES)}")
     names = list(stages or STAGE_SPECS)
     device = torch.device(device)
     _check_request(names, device, batch)
@@ -90,8 +100,9 @@ def build_aoti(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        entries = _compile_all(module_set, cfg, names, tmp, device, batch, progress)
+        entries = _compile_all(module_set, cfg, names, tmp, device, batch, precision, progress)
         manifest = build_manifest(cfg, entries, device_info(device), batch, weights_id(checkpoint, seed))
+        manifest["precision"] = precision
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -102,7 +113,8 @@ def build_aoti(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int
     return out_dir
 
 
-def _compile_all(module_set, cfg, names, tmp: Path, device: torch.device, batch: int, progress: bool) -> dict:
+def _compile_all(module_set, cfg, names, tmp: Path, device: torch.device, batch: int, precision: str,
+                 progress: bool) -> dict:
     from rich.progress import Progress
 
     entries = {}
@@ -111,6 +123,6 @@ def _compile_all(module_set, cfg, names, tmp: Path, device: torch.device, batch:
         for name in names:
             bar.update(task, description=f"compiling {name} (AOTInductor, {device.type})")
             entries[name] = compile_stage(stage_module(module_set, name), STAGE_SPECS[name], cfg,
-                                          tmp / f"{name}.pt2", device, batch)
+                                          tmp / f"{name}.pt2", device, batch, precision)
             bar.advance(task)
     return entries

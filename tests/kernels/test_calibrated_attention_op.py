@@ -26,7 +26,8 @@ def _cpu_inputs(make_inputs, **kw):
 def test_op_is_registered_with_the_schema():
     op = torch.ops.fssam.calibrated_attention.default
     assert OP_NAME == "fssam::calibrated_attention"
-    assert str(op._schema) == (
+    # torch 2.11's triton_op infers the schema from the annotations (int -> SymInt); later releases take ours.
+    assert str(op._schema).replace("SymInt", "int") == (
         "fssam::calibrated_attention(Tensor q, Tensor k, Tensor v, Tensor c, int n_sup, int n_qry) -> Tensor"
     )
 
