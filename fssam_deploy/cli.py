@@ -44,14 +44,26 @@ def build_pipeline(args, cfg: FSSAMConfig):
                                     seed=args.seed, device=args.device)
 
 
+ENGINE_SOURCES = {"onnxruntime": "fssam export", "aoti": "fssam build --format aoti",
+                  "tensorrt": "fssam build --format tensorrt"}
+
+
 def build_backend(args, cfg: FSSAMConfig):
-    """The torch Pipeline, or an ONNX Runtime episode over exported graphs (same segment API)."""
+    """The torch Pipeline, or an episode over exported graphs / built engines (same segment API)."""
     if args.backend == "torch":
         return build_pipeline(args, cfg)
+    if not args.engine_dir:
+        raise FSSAMError(f"--backend {args.backend} needs --engine-dir (written by `{ENGINE_SOURCES[args.backend]}`)")
+    if args.backend == "aoti":
+        from .runtime.aoti_runner import AotiEpisode
+
+        return AotiEpisode(args.engine_dir, expect_config=cfg, device=args.device)
+    if args.backend == "tensorrt":
+        from .runtime.tensorrt_episode import TrtEpisode
+
+        return TrtEpisode(args.engine_dir, expect=cfg, device=args.device)
     from .runtime.episode import OnnxEpisode
 
-    if not args.engine_dir:
-        raise FSSAMError("--backend onnxruntime needs --engine-dir (graphs written by `fssam export`)")
     return OnnxEpisode(args.engine_dir, expect=cfg, device=args.device)
 
 
@@ -88,7 +100,9 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from .demo_run import run_demo
 
-    return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset)
+    backends = args.backends.split(",") if args.backends else None
+    return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset, backends=backends, device=args.device,
+                    iters=args.iters)
 
 
 def cmd_bench(args) -> int:
@@ -121,9 +135,60 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = export_onnx(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
-                          batch=args.batch, precision=args.precision, progress=not args.no_progress)
-    print(f"wrote {out}/ (5 ONNX graphs + manifest.json) in {time.perf_counter() - t0:.0f} s")
+        if args.precision == "int8":
+            out = export_int8(cfg, args)
+        else:
+            out = export_onnx(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
+                              batch=args.batch, precision=args.precision, progress=not args.no_progress)
+        if args.tensorrt_plugin:
+            from .export.onnx_plugin_variant import export_plugin_variants
+
+            export_plugin_variants(cfg, out, checkpoint=args.checkpoint, seed=args.seed)
+    print(f"wrote {out}/ (one {args.precision} ONNX graph per stage + manifest.json) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def export_int8(cfg: FSSAMConfig, args) -> Path:
+    """fp32 graphs into a scratch folder, then the big encoders quantized to int8 into --out."""
+    import tempfile
+
+    from .export.onnx_export import export_onnx
+    from .export.quantize import quantize_engine_dir
+
+    with tempfile.TemporaryDirectory(prefix="fssam-fp32-") as tmp:
+        src = export_onnx(cfg, Path(tmp) / "fp32", checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
+                          batch=args.batch, progress=not args.no_progress)
+        return quantize_engine_dir(src, args.out)
+
+
+def cmd_build(args) -> int:
+    """Engines for the local device: AOTInductor packages (from the checkpoint) or TensorRT (from ONNX)."""
+    t0 = time.perf_counter()
+    if args.format == "aoti":
+        from .export.aoti import build_aoti
+
+        cfg = config_from_args(args, shots=args.shots)
+        if not args.checkpoint:
+            print(f"WARNING: no checkpoint given: compiling RANDOM weights (seed {args.seed}).", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = build_aoti(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
+                             batch=int(args.batch), precision=args.precision, progress=not args.no_progress)
+    else:
+        from .export.tensorrt_build import build_tensorrt
+
+        if not args.onnx_dir:
+            raise FSSAMError("--format tensorrt needs --onnx-dir (graphs written by `fssam export`)")
+        batch = tuple(int(x) for x in args.batch.split(","))
+        if len(batch) == 1:
+            batch = batch * 3
+        if len(batch) != 3:
+            raise FSSAMError(f"--batch {args.batch}: give one size or min,opt,max")
+        out = build_tensorrt(args.onnx_dir, args.out, precision=args.precision, batch=batch,
+                             timing_cache=args.timing_cache, workspace_gib=args.workspace, plugin=not args.no_plugin,
+                             progress=not args.no_progress)
+    print(f"wrote {out}/ ({args.format}, {args.precision}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -142,14 +207,25 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: run, export, verify, bench")
+    p = argparse.ArgumentParser(prog="fssam",
+                                description="FSSAM few-shot segmentation: demo, run, export, build, verify, bench")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="a built-in synthetic episode end to end (no files, no weights needed)")
-    d.add_argument("--out-dir", default="fssam-demo", help="where the mask, overlay and inputs are written")
+    d = sub.add_parser("demo", help="a built-in synthetic episode end to end: PyTorch, ONNX export, every "
+                       "available backend, parity and speed table (no files, no weights needed)")
+    d.add_argument("--out-dir", default="fssam-demo", help="where the mask, overlay, graphs and table are written")
     d.add_argument("--preset", default="tiny", help="config preset (tiny, paper, ...)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    d.add_argument("--backends", help="comma list (default: every backend available on the device)")
+    d.add_argument("--iters", type=int, default=3, help="timed episodes per backend")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="segment query image(s) given support images and masks")
@@ -161,8 +237,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits", help="also write float32 logits at the query's size (.npy; a folder for many)")
     r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
     r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
-    r.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
-    r.add_argument("--engine-dir", help="graphs written by `fssam export` (for --backend onnxruntime)")
+    r.add_argument("--backend", default="torch", choices=["torch", *ENGINE_SOURCES])
+    r.add_argument("--engine-dir", help="graphs (`fssam export`) or engines (`fssam build`) for the backend")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("export", help="one ONNX graph per stage + manifest.json")
@@ -171,9 +247,28 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--batch", default="1", choices=["1", "dynamic"])
     e.add_argument("--shots", type=int, default=1)
-    e.add_argument("--precision", default="fp32", choices=["fp32"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="fp16: fp16 graphs with fp32 islands (LayerNorm, softmax, min/max); int8: the image "
+                   "encoder and DINOv2 quantized for ONNX Runtime on the CPU")
+    e.add_argument("--tensorrt-plugin", action="store_true", help="also write the decoder with the calibrated "
+                   "attention as one custom node, for `fssam build --format tensorrt` with the fused-kernel plugin")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    bd = sub.add_parser("build", help="engines for this device: AOTInductor packages or TensorRT engines")
+    add_model_flags(bd)
+    bd.add_argument("--format", required=True, choices=["aoti", "tensorrt"])
+    bd.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    bd.add_argument("--onnx-dir", help="tensorrt: the graphs written by `fssam export`")
+    bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                    help="aoti: bf16/fp16 compile each stage under autocast; tensorrt: engine precision")
+    bd.add_argument("--batch", default="1", help="aoti: the static batch; tensorrt: N or min,opt,max")
+    bd.add_argument("--shots", type=int, default=1, help="aoti: shots per episode")
+    bd.add_argument("--timing-cache", help="tensorrt: timing cache file, reused and extended")
+    bd.add_argument("--workspace", type=float, help="tensorrt: workspace limit in GiB")
+    bd.add_argument("--no-plugin", action="store_true", help="tensorrt: standard-op attention, no fused plugin")
+    bd.add_argument("--no-progress", action="store_true")
+    bd.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="compare exported graphs with PyTorch (per stage and end to end)")
     v.add_argument("--engine-dir", required=True)
@@ -185,7 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency, throughput, memory and parity per backend")
     add_model_flags(b)
     b.add_argument("--backends", default="torch", help="comma list: torch, torch-bf16, torch-fused, torch-compile, "
-                   "onnxruntime, aoti")
+                   "torch-compile-bf16, onnxruntime, onnxruntime-int8, aoti, aoti-bf16, tensorrt, tensorrt-graph")
     b.add_argument("--batch", default="1", help="comma list of batch sizes")
     b.add_argument("--shots", default="1", help="comma list of shot counts")
     b.add_argument("--warmup", type=int, default=2)

@@ -1,4 +1,12 @@
-"""`fssam demo`: a synthetic episode through the PyTorch pipeline, printed step by step."""
+"""`fssam demo`: the whole story on a synthetic episode, with no arguments.
+
+1. build the architecture (random weights: no checkpoint can be downloaded), segment one episode
+   with the PyTorch pipeline, write the inputs, mask, overlay and logits;
+2. export every stage to ONNX (the graphs and their manifest land in OUT/onnx);
+3. run the same episode on every backend available here (PyTorch eager, ONNX Runtime, and on a
+   GPU the bf16 / fused-kernel / compiled PyTorch paths and TensorRT when installed), and print the
+   parity and speed table; the table, JSON and plot go to OUT/bench.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +21,37 @@ from .demo import synthetic_episode
 from .imageio import image_to_tensor, mask_to_tensor, write_mask, write_overlay
 from .model import FSSAMConfig, Pipeline
 
+CPU_BACKENDS = ["torch", "onnxruntime"]
+CUDA_BACKENDS = ["torch", "torch-bf16", "torch-fused", "torch-compile-bf16", "onnxruntime"]
 
-def run_demo(out_dir: Path, seed: int = 0, preset: str = "tiny") -> int:
-    cfg = FSSAMConfig.from_name(preset)
-    print(f"fssam demo: config {preset!r} = {cfg.sam2_config} + {cfg.dino}, {cfg.image_size} px, "
-          f"{cfg.shots}-shot, {cfg.num_refine} refinements ({cfg.refine})")
-    print("WARNING: RANDOM weights (no checkpoint): this shows the machinery, not segmentation quality.")
+
+def available_backends(device: str) -> list[str]:
+    """The demo's backends for `device`: those that run here without extra builds (TensorRT if installed)."""
+    names = list(CUDA_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS)
+    if torch.device(device).type == "cuda":
+        try:
+            import tensorrt  # noqa: F401
+
+            names.append("tensorrt")
+        except ImportError:
+            pass
+    return names
+
+
+def segment_once(cfg: FSSAMConfig, seed: int, out_dir: Path, device: str) -> None:
+    """Step 1: one episode through the PyTorch pipeline, inputs and outputs written to out_dir."""
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = Pipeline.from_config(cfg, seed=seed)
+        pipe = Pipeline.from_config(cfg, seed=seed, device=device)
     print(f"  built SAM 2 + DINOv2 with random weights in {time.perf_counter() - t0:.1f} s")
     query, query_gt, sup_imgs, sup_masks = synthetic_episode(cfg.image_size, cfg.shots, seed)
     s = cfg.image_size
-    q = image_to_tensor(query, s)[None]
-    sx = torch.stack([image_to_tensor(i, s) for i in sup_imgs])[None]
-    sy = torch.stack([mask_to_tensor(m, s) for m in sup_masks])[None]
+    q = image_to_tensor(query, s)[None].to(device)
+    sx = torch.stack([image_to_tensor(i, s) for i in sup_imgs])[None].to(device)
+    sy = torch.stack([mask_to_tensor(m, s) for m in sup_masks])[None].to(device)
     t0 = time.perf_counter()
-    logits = pipe.segment(q, sx, sy)
+    logits = pipe.segment(q, sx, sy).cpu()
     dt = time.perf_counter() - t0
     mask = (torch.sigmoid(logits[0, 0]) >= 0.5).numpy()
     inter, union = np.logical_and(mask, query_gt > 0).sum(), np.logical_or(mask, query_gt > 0).sum()
@@ -45,9 +66,44 @@ def run_demo(out_dir: Path, seed: int = 0, preset: str = "tiny") -> int:
     write_overlay(out_dir / "overlay.png", query, mask)
     np.save(out_dir / "logits.npy", logits[0, 0].numpy())
     print(f"  episode: query {q.shape[-1]}x{q.shape[-2]} + {cfg.shots} support(s) -> logits "
-          f"{tuple(logits.shape)} in {dt:.2f} s on the CPU")
+          f"{tuple(logits.shape)} in {dt:.2f} s on {device}")
     print(f"  logits range [{logits.min().item():.3f}, {logits.max().item():.3f}], "
           f"foreground {mask.mean() * 100:.1f}%, IoU vs the drawn shape {inter / max(union, 1):.3f} "
           "(meaningless with random weights)")
     print(f"  wrote {out_dir}/: query.png, support_*.png, support_*_mask.png, mask.png, overlay.png, logits.npy")
+
+
+def run_demo(out_dir: Path, seed: int = 0, preset: str = "tiny", backends: list[str] | None = None,
+             device: str = "cpu", iters: int = 3) -> int:
+    from .bench.report import markdown_table
+    from .bench.run import BenchSettings, run_bench
+    from .export.onnx_export import export_onnx
+
+    cfg = FSSAMConfig.from_name(preset)
+    print(f"fssam demo: config {preset!r} = {cfg.sam2_config} + {cfg.dino}, {cfg.image_size} px, "
+          f"{cfg.shots}-shot, {cfg.num_refine} refinements ({cfg.refine})")
+    print("WARNING: RANDOM weights (no checkpoint): this shows the machinery, not segmentation quality.")
+    print("[1/3] PyTorch pipeline")
+    segment_once(cfg, seed, out_dir, device)
+    backends = backends or available_backends(device)
+    engine_dir = None
+    if any(b.startswith("onnxruntime") or b == "tensorrt" for b in backends):
+        print("[2/3] export to ONNX (dynamic batch)")
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine_dir = export_onnx(cfg, out_dir / "onnx", seed=seed, batch="dynamic", progress=True)
+        print(f"  wrote {engine_dir}/ (one graph per stage + manifest.json) in {time.perf_counter() - t0:.0f} s")
+    else:
+        print("[2/3] export to ONNX: skipped (no ONNX backend asked for)")
+    print(f"[3/3] the same episode on {', '.join(backends)} (parity against PyTorch fp32, speed)")
+    st = BenchSettings(backends=backends, batches=[1], shots=[cfg.shots], cfg=cfg, warmup=1, iters=iters,
+                       device=device, seed=seed, engine_dir=str(engine_dir) if engine_dir else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_bench(st, out_dir / "bench", progress=True)
+    print(markdown_table(result))
+    print(f"  wrote {out_dir}/bench/: bench.json, bench.md, bench.png (stage latency per backend)")
+    worst = min(r.get("mask_iou", 1.0) for r in result["rows"])
+    print(f"  every backend's mask against PyTorch fp32: IoU >= {worst:.4f}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,8 +39,13 @@ def test_demo_with_no_arguments(tmp_path, monkeypatch, capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "logits (1, 1, 256, 256)" in out
-    for f in ("mask.png", "overlay.png", "query.png", "support_0.png", "logits.npy"):
-        assert (tmp_path / "fssam-demo" / f).is_file()
+    for f in ("mask.png", "overlay.png", "query.png", "support_0.png", "logits.npy", "onnx/manifest.json",
+              "bench/bench.json", "bench/bench.md", "bench/bench.png"):
+        assert (tmp_path / "fssam-demo" / f).is_file(), f
+    rows = json.loads((tmp_path / "fssam-demo" / "bench" / "bench.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"torch", "onnxruntime"}
+    assert all(r["mask_iou"] >= 0.999 and r["max_abs_logit_err"] < 1e-3 for r in rows), rows
+    assert "| onnxruntime | 1 | 1 |" in out
 
 
 def test_run_one_query(files, tmp_path, capsys):
@@ -104,3 +111,40 @@ def test_run_wrong_architecture_checkpoint(files, tmp_path, capsys):
                "--support-mask", str(d / "m0.png"), "--out", str(tmp_path / "o.png")])
     assert rc == 1
     assert "weights do not fit this architecture" in capsys.readouterr().err
+
+
+def _run_one(files, tmp_path, tag, *extra):
+    d = files
+    rc = main(["run", *TINY, "--checkpoint", str(d / "ckpt.pth"), "--query", str(d / "query.jpg"),
+               "--support", str(d / "s0.png"), "--support-mask", str(d / "m0.png"),
+               "--out", str(tmp_path / f"{tag}.png"), "--logits", str(tmp_path / f"{tag}.npy"), *extra])
+    assert rc == 0
+    return np.load(tmp_path / f"{tag}.npy"), np.asarray(Image.open(tmp_path / f"{tag}.png"))
+
+
+@pytest.mark.slow
+def test_build_aoti_then_run_matches_torch(files, tmp_path, capsys):
+    """`fssam build --format aoti` (every stage, CPU, tiny config) then `fssam run --backend aoti` == torch."""
+    out = tmp_path / "aoti"
+    assert main(["build", "--format", "aoti", *TINY, "--checkpoint", str(files / "ckpt.pth"), "--out", str(out),
+                 "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and all((out / e["file"]).is_file() for e in manifest["stages"].values())
+    ref_logits, ref_mask = _run_one(files, tmp_path, "torch")
+    logits, mask = _run_one(files, tmp_path, "aoti", "--backend", "aoti", "--engine-dir", str(out))
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert (mask == ref_mask).mean() > 0.999
+    # a package set built for another config is refused with the command to rebuild
+    rc = main(["run", "--sam2-config", "sam2_hiera_s", "--dino", "dinov2_vits14", "--image-size", "256",
+               "--backend", "aoti", "--engine-dir", str(out), "--query", str(files / "query.jpg"),
+               "--support", str(files / "s0.png"), "--support-mask", str(files / "m0.png"),
+               "--out", str(tmp_path / "x.png")])
+    assert rc == 1 and "rebuild" in capsys.readouterr().err.lower()
+
+
+def test_engine_backends_need_an_engine_dir(files, tmp_path, capsys):
+    for backend, source in (("onnxruntime", "fssam export"), ("aoti", "fssam build --format aoti"),
+                            ("tensorrt", "fssam build --format tensorrt")):
+        rc = main(["run", *TINY, "--backend", backend, "--query", str(files / "query.jpg"), "--support",
+                   str(files / "s0.png"), "--support-mask", str(files / "m0.png"), "--out", str(tmp_path / "m.png")])
+        assert rc == 1 and f"`{source}`" in capsys.readouterr().err

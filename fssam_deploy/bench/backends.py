@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
+from ..export.onnx_export import read_manifest
 from ..model import FSSAMConfig, Pipeline, load_weights, random_weights
 from .stage_timer import StageTimer
 
@@ -77,17 +78,22 @@ def _needs_cuda(name: str, device: torch.device) -> None:
 class OnnxRuntimeBackend:
     """ONNX Runtime over exported graphs; exports them (dynamic batch) when no engine dir is given."""
 
-    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0, threads=None):
+    def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0, threads=None,
+                 int8: bool = False):
         import tempfile
 
         from ..export.onnx_export import export_onnx
+        from ..export.quantize import quantize_engine_dir
         from ..runtime.episode import OnnxEpisode
 
-        self.name, self.device = "onnxruntime", torch.device(device)
+        self.name, self.device = "onnxruntime-int8" if int8 else "onnxruntime", torch.device(device)
         if engine_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fssam-bench-onnx-")
             engine_dir = export_onnx(cfg, f"{self._tmp.name}/graphs", checkpoint, seed, batch="dynamic",
                                      progress=False)
+        if int8 and read_manifest(engine_dir).get("precision") != "int8":
+            self._tmp_int8 = tempfile.TemporaryDirectory(prefix="fssam-bench-int8-")
+            engine_dir = quantize_engine_dir(engine_dir, f"{self._tmp_int8.name}/int8")
         self.episode = OnnxEpisode(engine_dir, expect=cfg, device=device, threads=threads)
         self.settings = {"engine_dir": str(engine_dir), "providers": self.episode.runners["decoder"].session
                          .get_providers()}
@@ -150,19 +156,33 @@ def make_backend(name: str, cfg: FSSAMConfig, weights, device, engine_dir=None, 
                             compile_mode="reduce-overhead")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(cfg, device, engine_dir, checkpoint, seed, threads)
+    if name == "onnxruntime-int8":  # the image encoder and DINOv2 quantized (from --engine-dir's fp32 graphs)
+        return OnnxRuntimeBackend(cfg, device, engine_dir, checkpoint, seed, threads, int8=True)
     if name == "aoti":
         return AotiBackend(cfg, device, engine_dir, checkpoint, seed)
     if name == "aoti-bf16":  # packages compiled under bf16 autocast (the reference's GPU precision)
         return AotiBackend(cfg, device, engine_dir, checkpoint, seed, precision="bf16")
     if name in EXTERNAL_BACKENDS:
         return EXTERNAL_BACKENDS[name](cfg, weights, device, engine_dir)
-    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "torch-compile-bf16", "onnxruntime", "aoti",
-             "aoti-bf16", *EXTERNAL_BACKENDS]
+    known = ["torch", "torch-bf16", "torch-fused", "torch-compile", "torch-compile-bf16", "onnxruntime",
+             "onnxruntime-int8", "aoti", "aoti-bf16", *EXTERNAL_BACKENDS]
     raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(known)}")
 
 
-# Backends that live in fssam_deploy.runtime register an adapter factory here.
-EXTERNAL_BACKENDS: dict = {}
+def _tensorrt_backend(*args, **kwargs):
+    from .tensorrt_backend import make_tensorrt_backend
+
+    return make_tensorrt_backend(*args, **kwargs)
+
+
+def _tensorrt_graph_backend(*args, **kwargs):
+    from .tensorrt_backend import make_tensorrt_graph_backend
+
+    return make_tensorrt_graph_backend(*args, **kwargs)
+
+
+# Backends with optional dependencies: factories (cfg, weights, device, engine_dir) imported on use.
+EXTERNAL_BACKENDS: dict = {"tensorrt": _tensorrt_backend, "tensorrt-graph": _tensorrt_graph_backend}
 
 
 def load_bench_weights(cfg: FSSAMConfig, checkpoint=None, seed: int = 0):

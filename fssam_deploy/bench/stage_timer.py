@@ -7,24 +7,15 @@ from collections import defaultdict
 
 import torch
 
+from ..export.specs import STAGE_SPECS, stage_module
 from .timing import synchronize
-
-# the modules the pipeline calls, under the names a report shows
-TIMED_MODULES = {
-    "image_encoder": lambda s: s.image_encoder,
-    "dino": lambda s: s.prior.dino,
-    "prior": lambda s: s.prior.prior,
-    "prototypes": lambda s: s.prior.prototypes,
-    "memory_encoder": lambda s: s.memory_encoder,
-    "refinement": lambda s: s.refinement,
-    "decoder": lambda s: s.decoder,
-}
 
 
 class StageTimer:
     """Records the wall time of every stage call while installed (`with StageTimer(stages, dev) as t`).
 
-    `t.times` maps a stage name to the summed seconds of its calls since the last `reset()`.
+    `t.times` maps a stage name (those of `STAGE_SPECS`, as the runtime's `Episode.stage_times`)
+    to the summed seconds of its calls since the last `reset()`.
     The device is synchronised around each stage, which a timed run needs anyway.
     """
 
@@ -53,8 +44,8 @@ class StageTimer:
         return hook
 
     def __enter__(self) -> StageTimer:
-        for name, get in TIMED_MODULES.items():
-            m: torch.nn.Module = get(self.stages)
+        for name in STAGE_SPECS:
+            m: torch.nn.Module = stage_module(self.stages, name)
             self._handles.append(m.register_forward_pre_hook(self._pre(name)))
             self._handles.append(m.register_forward_hook(self._post(name)))
         return self

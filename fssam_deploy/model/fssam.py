@@ -1,4 +1,4 @@
-"""The FSSAM weights (SAM 2 + DINOv2) and the five stages built on them."""
+"""The FSSAM weights (SAM 2 + DINOv2) and the six stages built on them."""
 
 from __future__ import annotations
 
@@ -44,9 +44,12 @@ def random_weights(cfg: FSSAMConfig, seed: int = 0) -> FSSAMWeights:
 
 @dataclass
 class Stages:
-    """The five stages of SPEC.md, tensor-in tensor-out modules sharing one set of weights."""
+    """The stages of `export.specs.STAGE_SPECS` (same names, same order): tensor-in tensor-out
+    modules sharing one set of weights. DINOv2 (`dino_features`) is a stage of its own, so that
+    a support set's features are computed once; `prior` takes them."""
 
     image_encoder: ImageEncoder
+    dino_features: DinoEncoder
     prior: PriorGenerator
     memory_encoder: MemoryEncoder
     refinement: MemoryRefinement
@@ -61,7 +64,8 @@ def build_stages(weights: FSSAMWeights, attention_backend: str = "auto") -> Stag
     heads = SamHeads(weights.sam2)
     return Stages(
         image_encoder=ImageEncoder(weights.sam2).eval(),
-        prior=PriorGenerator(cfg, DinoEncoder(cfg, weights.dino)).eval(),
+        dino_features=DinoEncoder(cfg, weights.dino).eval(),
+        prior=PriorGenerator(cfg).eval(),
         memory_encoder=MemoryEncoder(weights.sam2, heads, cfg.memory_bf16_round).eval(),
         refinement=MemoryRefinement(cfg.num_refine, cfg.refine).eval(),
         decoder=MemoryDecoder(weights.sam2, heads, cfg.feat_size, attention_backend).eval(),

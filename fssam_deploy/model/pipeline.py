@@ -1,4 +1,8 @@
-"""The episode in PyTorch: the five stages composed, with the support side separable."""
+"""The episode in PyTorch: the stages composed, with the support side separable.
+
+It calls the stage modules with the same tensors, in the same order, as the runtime's `Episode`
+calls exported graphs (`runtime.episode`); `tests/runtime` checks that both give the same logits.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,7 @@ RANDOM_WEIGHTS_WARNING = (
 class SupportFeatures:
     """Everything the query side needs from a support set (B, K shots); reusable."""
 
-    fg_protos: torch.Tensor  # (B, K, Cd) DINOv2 foreground prototypes
-    bg_protos: torch.Tensor  # (B, K, Cd)
+    dino: torch.Tensor  # (B, K, Cd, g, g) DINOv2 features of the supports
     memory: torch.Tensor  # (B, K, Cm, h, w) support memories
     obj_ptr: torch.Tensor  # (B, K, C) support object pointers
     masks: torch.Tensor  # (B, K, S, S) support masks in [0, 1]
@@ -66,20 +69,20 @@ class Pipeline(nn.Module):
         """Support side of an episode: supports (B, K, 3, S, S), masks (B, K, S, S)."""
         s = self.stages
         b, k = supports.shape[:2]
-        flat = supports.flatten(0, 1)
-        dino = s.prior.dino(flat)
-        fg, bg = s.prior.prototypes(dino.reshape(b, k, *dino.shape[1:]), support_masks)
+        flat = supports.flatten(0, 1)  # (B*K, 3, S, S)
         f0, f1, feat = s.image_encoder(flat)
+        dino = s.dino_features(flat)  # (B*K, Cd, g, g)
         memory, ptr = s.memory_encoder(feat, f0, f1, support_masks.reshape(b * k, 1, *support_masks.shape[-2:]))
-        return SupportFeatures(fg, bg, memory.reshape(b, k, *memory.shape[1:]), ptr.reshape(b, k, -1), support_masks)
+        return SupportFeatures(dino.reshape(b, k, *dino.shape[1:]), memory.reshape(b, k, *memory.shape[1:]),
+                               ptr.reshape(b, k, -1), support_masks)
 
     @torch.inference_mode()
     def segment_query(self, query: torch.Tensor, support: SupportFeatures) -> torch.Tensor:
         """Query side of an episode -> logits (B, 1, S, S)."""
         s = self.stages
         b = query.shape[0]
-        prior_fg, prior_ae = s.prior.prior(s.prior.dino(query), support.fg_protos, support.bg_protos)
         f0, f1, feat = s.image_encoder(query)
+        prior_fg, prior_ae = s.prior(s.dino_features(query), support.dino, support.masks)
         mem, ptr = s.memory_encoder(
             torch.cat([feat, feat]), torch.cat([f0, f0]), torch.cat([f1, f1]), torch.cat([prior_fg, prior_ae])
         )

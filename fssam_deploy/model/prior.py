@@ -1,4 +1,8 @@
-"""Stage 1: the pseudo-prompt generator, DINOv2 prototype priors (FSSAM `generate_prior_proto`)."""
+"""The pseudo-prompt generator: prototype priors from DINOv2 features (FSSAM `generate_prior_proto`).
+
+DINOv2 itself is the stage before (`dinov2.DinoEncoder`, stage `dino_features`), so that a
+runtime can compute the supports' features once and reuse them for every query.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from torch import nn
 
 from ..kernels.reference import EPS, minmax, weighted_gap
 from .config import FSSAMConfig
-from .dinov2 import DinoEncoder
 
 
 def cosine_to_prototype(feat: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
@@ -60,18 +63,14 @@ class PrototypePrior(nn.Module):
 
 
 class PriorGenerator(nn.Module):
-    """query (B, 3, S, S), supports (B, K, 3, S, S) 0..255, masks (B, K, S, S) in [0, 1]
-    -> prior_fg, prior_ae (B, 1, S, S) in [0, 1]."""
+    """query_dino (B, Cd, g, g), support_dino (B, K, Cd, g, g) DINOv2 features, support_masks
+    (B, K, S, S) in [0, 1] -> prior_fg, prior_ae (B, 1, S, S) in [0, 1]."""
 
-    def __init__(self, cfg: FSSAMConfig, dino: DinoEncoder):
+    def __init__(self, cfg: FSSAMConfig):
         super().__init__()
-        self.dino = dino
         self.prototypes = SupportPrototypes()
         self.prior = PrototypePrior(cfg.image_size)
 
-    def forward(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor):
-        b, k = supports.shape[:2]
-        feats = self.dino(torch.cat([query, supports.flatten(0, 1)], dim=0))  # (B + B*K, C, g, g)
-        qry_feat, sup_feat = feats[:b], feats[b:].reshape(b, k, *feats.shape[1:])
-        fg, bg = self.prototypes(sup_feat, masks)
-        return self.prior(qry_feat, fg, bg)
+    def forward(self, query_dino: torch.Tensor, support_dino: torch.Tensor, support_masks: torch.Tensor):
+        fg, bg = self.prototypes(support_dino, support_masks)  # (B, K, Cd) each
+        return self.prior(query_dino, fg, bg)

@@ -1,4 +1,4 @@
-"""AOTInductor runner: one `<stage>.pt2` package under the runner contract, and the episode over five.
+"""AOTInductor runner: one `<stage>.pt2` package under the runner contract, and the episode over all stages.
 
 Packages come from `fssam_deploy.export.aoti.build_aoti`. Loading one checks its manifest first
 (config, torch version, device type / GPU / CPU ISA, package sha256) and refuses stale packages
@@ -16,7 +16,7 @@ from ..export.aoti_manifest import REBUILD, check_package, read_aoti_manifest
 from ..export.specs import STAGE_SPECS
 from ..model.config import FSSAMConfig
 from .base import Runner
-from .episode import OnnxEpisode
+from .episode import Episode
 
 
 class AotiRunner(Runner):
@@ -64,26 +64,20 @@ class AotiRunner(Runner):
         return dict(zip(self.output_names, outs))
 
 
-class AotiEpisode(OnnxEpisode):
-    """`segment(query, supports, masks) -> logits (B, 1, S, S)` through the five AOTI packages.
+class AotiEpisode(Episode):
+    """`segment(query, supports, masks) -> logits (B, 1, S, S)` through one AOTI package per stage.
 
-    Same composition as `Pipeline.encode_supports` + `segment_query` (and as the ONNX episode:
-    this class only swaps the runners); `with_supports(...)` encodes a support set once.
-    A larger batch than the packages' static one is run in chunks.
+    An `Episode` over `AotiRunner`s: the same composition as `Pipeline.encode_supports` +
+    `segment_query` and as the ONNX episode; `with_supports(...)` encodes a support set (its
+    DINOv2 features included) once. A larger batch than the packages' static one runs in chunks.
+    `close()` releases the loaded packages.
     """
 
     def __init__(self, package_dir: str | Path, expect_config: FSSAMConfig | None = None,
                  device: str | torch.device | None = None):
         self.engine_dir = Path(package_dir)
         self.manifest = read_aoti_manifest(self.engine_dir, expect_config, device)
-        self.cfg = FSSAMConfig.from_dict(self.manifest["config"])
-        self.device = torch.device(device or self.manifest["device"]["type"])
-        self.stage_times: dict[str, float] = {}
-        self.runners = {name: AotiRunner(self.engine_dir, name, expect_config, self.device) for name in STAGE_SPECS}
-        for runner in self.runners.values():
-            runner.activate()
-
-    def close(self) -> None:
-        """Release the loaded packages."""
-        for runner in self.runners.values():
-            runner.deactivate()
+        cfg = FSSAMConfig.from_dict(self.manifest["config"])
+        device = torch.device(device or self.manifest["device"]["type"])
+        runners = {name: AotiRunner(self.engine_dir, name, expect_config, device) for name in STAGE_SPECS}
+        super().__init__(runners, cfg, device)

@@ -7,6 +7,8 @@ import time
 import torch
 
 from ..errors import InputError
+from ..export.specs import STAGE_SPECS, stage_module
+from ..model.config import FSSAMConfig
 
 
 class Runner:
@@ -56,7 +58,7 @@ class Runner:
             if t.dtype != torch.float32:
                 raise InputError(f"{self.name}: input {k!r} must be float32, got {t.dtype}")
             if len(want) != t.dim() or any(w is not None and w != g for w, g in zip(want, t.shape)):
-                shown = tuple("*" if w is None else w for w in want)
+                shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
                 raise InputError(f"{self.name}: input {k!r} has shape {tuple(t.shape)}, the graph expects {shown}")
 
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,7 +83,7 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """A stage nn.Module under the runner contract."""
+    """A stage nn.Module under the runner contract (`input_shapes`: None for any size)."""
 
     def __init__(self, module: torch.nn.Module, spec, input_shapes: dict[str, tuple]):
         super().__init__()
@@ -93,3 +95,19 @@ class TorchRunner(Runner):
             outs = self.module(*(feed[n] for n in self.spec.input_names))
         outs = outs if isinstance(outs, tuple) else (outs,)
         return dict(zip(self.spec.output_names, outs))
+
+
+def torch_runners(stages, cfg: FSSAMConfig) -> dict[str, TorchRunner]:
+    """The PyTorch stage modules of `stages` (`model.build_stages`) as runners keyed by stage name.
+
+    `Episode(torch_runners(stages, cfg), cfg, device)` runs the eager stages under the same
+    orchestration as the exported graphs. Batch and shots are free (None), as in `Pipeline`;
+    every other axis is checked against the spec.
+    """
+    free = {"B", "M", "K"}
+    runners = {}
+    for name, spec in STAGE_SPECS.items():
+        shapes = {t.name: tuple(None if d in free else n for d, n in zip(t.shape, t.concrete(cfg, 1, 1)))
+                  for t in spec.inputs}
+        runners[name] = TorchRunner(stage_module(stages, name), spec, shapes)
+    return runners

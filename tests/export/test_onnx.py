@@ -23,7 +23,7 @@ TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-siz
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    """All five graphs, dynamic batch, exported through the CLI (`fssam export`)."""
+    """All six graphs, dynamic batch, exported through the CLI (`fssam export`)."""
     out = tmp_path_factory.mktemp("onnx") / "graphs"
     assert main(["export", *TINY, "--seed", "0", "--batch", "dynamic", "--out", str(out), "--no-progress"]) == 0
     return out
@@ -60,8 +60,8 @@ def runner(engine_dir, cfg, name, shots=None):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_stage_parity_dynamic_batch(engine_dir, tiny_cfg, stages, batch):
     for name, spec in STAGE_SPECS.items():
-        if name == "prior" and batch == 3:
-            continue  # the DINOv2 prior is the slow one on a CPU; batch 3 is covered by the episode test
+        if name == "dino_features" and batch == 3:
+            continue  # DINOv2 at 560 px is the slow one on a CPU; batch 3 is covered by the episode test
         feed = spec.dummy_inputs(tiny_cfg, batch, tiny_cfg.shots, seed=batch)
         got = run_stage(runner(engine_dir, tiny_cfg, name), feed)
         with torch.inference_mode():
@@ -80,6 +80,25 @@ def test_episode_matches_pipeline(engine_dir, tiny_cfg):
     assert (got - ref).abs().max() <= 1e-3
     assert torch.equal(got > 0, ref > 0)
     torch.testing.assert_close(episode.with_supports(sx[:1], sy[:1]).segment(q[:1]), got[:1], atol=1e-5, rtol=0)
+
+
+def test_support_session_runs_dino_on_supports_once(engine_dir, tiny_cfg):
+    """A support session computes the supports' DINOv2 features once; queries then run it on themselves only."""
+    episode = OnnxEpisode(engine_dir, expect=tiny_cfg)
+    seen = []
+    dino = episode.runners["dino_features"]
+    infer = dino.infer
+    dino.infer = lambda feed: (seen.append(feed["images"].clone()), infer(feed))[1]
+    q, sx, sy = make_episode(tiny_cfg, batch=2, seed=8)
+    session = episode.with_supports(sx[:1], sy[:1])
+    cached = [session.segment(q[i : i + 1]) for i in range(2)]
+    assert len(seen) == 3, f"DINOv2 ran {len(seen)} times for one support set and 2 queries, expected 3"
+    assert torch.equal(seen[0], sx[0]) and torch.equal(seen[1], q[:1]) and torch.equal(seen[2], q[1:])
+    for i in range(2):
+        uncached = episode.segment(q[i : i + 1], sx[:1], sy[:1])
+        torch.testing.assert_close(cached[i], uncached, atol=1e-5, rtol=0)
+    assert len(seen) == 7  # without the session, every episode runs DINOv2 on its supports again
+    torch.testing.assert_close(session.segment(q), torch.cat(cached), atol=1e-4, rtol=1e-4)
 
 
 def test_verify_cli_passes(engine_dir, tmp_path, capsys):
@@ -113,16 +132,18 @@ def test_5shot_stages(tmp_path):
     cfg = FSSAMConfig.from_name("tiny", shots=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = export_onnx(cfg, tmp_path / "g5", seed=1, stages=["refinement", "decoder"], progress=False)
+        out = export_onnx(cfg, tmp_path / "g5", seed=1, stages=["prior", "refinement", "decoder"], progress=False)
         stages = build_stages(random_weights(cfg, 1), attention_backend="torch")
-    for name in ("refinement", "decoder"):
+    for name in ("prior", "refinement", "decoder"):
         spec = STAGE_SPECS[name]
         feed = spec.dummy_inputs(cfg, 2, 5)  # static batch 1: the runner splits a batch of 2
-        got = run_stage(runner(out, cfg, name, shots=5), feed)[spec.output_names[0]]
+        got = run_stage(runner(out, cfg, name, shots=5), feed)
         with torch.inference_mode():
             ref = stage_module(stages, name)(*feed.values())
-        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
-    with pytest.raises(EngineError, match=r"manifest lacks stages \['image_encoder', 'memory_encoder', 'prior'\]"):
+        for out_name, r in zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)):
+            assert (got[out_name] - r).abs().max() <= 1e-4 * r.abs().max(), (name, out_name)
+    with pytest.raises(EngineError, match=r"manifest lacks stages \['dino_features', 'image_encoder', "
+                                          r"'memory_encoder'\]"):
         read_manifest(out)
 
 

@@ -54,9 +54,9 @@ def test_loaded_weights_equal_saved(saved, tiny_cfg):
         assert torch.equal(a, b), k
     # DINOv2's resampled 560 px position grid is recomputed after loading
     fresh = load(tiny_cfg, seed=99)
-    assert not torch.equal(fresh.stages.prior.dino.pos_embed, p.stages.prior.dino.pos_embed)
+    assert not torch.equal(fresh.stages.dino_features.pos_embed, p.stages.dino_features.pos_embed)
     from fssam_deploy.model.dinov2 import dinov2_pos_embed
-    torch.testing.assert_close(p.stages.prior.dino.pos_embed, dinov2_pos_embed(w.dino.pos_embed, 40))
+    torch.testing.assert_close(p.stages.dino_features.pos_embed, dinov2_pos_embed(w.dino.pos_embed, 40))
 
 
 def test_wrong_architecture(saved, tiny_cfg):

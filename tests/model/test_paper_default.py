@@ -27,7 +27,7 @@ def test_paper_default_end_to_end(tmp_path):
     with torch.no_grad():
         f0, f1, feat = st.image_encoder(q)
         assert (f0.shape, f1.shape, feat.shape) == ((1, 32, 128, 128), (1, 64, 64, 64), (1, 256, 32, 32))
-        assert st.prior.dino(q).shape == (1, 768, 40, 40)
+        assert st.dino_features(q).shape == (1, 768, 40, 40)
     # 5 shots with the same weights: supports encoded once, then the query side alone
     q5, sx5, sy5 = make_episode(cfg, batch=1, shots=5, seed=3)
     full = pipe.segment(q5, sx5, sy5)

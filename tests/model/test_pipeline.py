@@ -17,7 +17,11 @@ def test_stage_shapes(tiny_pipeline, tiny_cfg):
         f0, f1, feat = st.image_encoder(q)
         assert f0.shape == (2, 32, 4 * h, 4 * h) and f1.shape == (2, 64, 2 * h, 2 * h)
         assert feat.shape == (2, 256, h, h)
-        prior_fg, prior_ae = st.prior(q, sx, sy)
+        cd, g = tiny_cfg.dino_dim, tiny_cfg.dino_grid
+        qd = st.dino_features(q)
+        sd = st.dino_features(sx.flatten(0, 1)).reshape(2, 2, cd, g, g)
+        assert qd.shape == (2, cd, g, g) and torch.isfinite(sd).all()
+        prior_fg, prior_ae = st.prior(qd, sd, sy)
         assert prior_fg.shape == prior_ae.shape == (2, 1, s, s)
         for p in (prior_fg, prior_ae):
             assert p.min() >= 0 and p.max() <= 1 + 1e-6
@@ -45,6 +49,23 @@ def test_batch_equals_single_episodes(tiny_pipeline, tiny_cfg):
     for b in range(2):
         one = tiny_pipeline.segment(q[b : b + 1], sx[b : b + 1], sy[b : b + 1])
         torch.testing.assert_close(both[b : b + 1], one, atol=1e-4, rtol=1e-4)
+
+
+def test_support_features_hold_dino_features(tiny_pipeline, tiny_cfg):
+    """The support side caches the supports' DINOv2 features: the query side never sees the support images."""
+    q, sx, sy = make_episode(tiny_cfg, batch=1, shots=2, seed=2)
+    sup = tiny_pipeline.encode_supports(sx, sy)
+    g = tiny_cfg.dino_grid
+    assert sup.dino.shape == (1, 2, tiny_cfg.dino_dim, g, g)
+    with torch.no_grad():
+        torch.testing.assert_close(sup.dino[0, 1], tiny_pipeline.stages.dino_features(sx[:, 1])[0], atol=1e-5, rtol=0)
+    calls = []
+    handle = tiny_pipeline.stages.dino_features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        tiny_pipeline.segment_query(q, sup)
+    finally:
+        handle.remove()
+    assert calls == [1], "the query side ran DINOv2 on more than the query"
 
 
 @pytest.mark.parametrize("shots", [1, 5])

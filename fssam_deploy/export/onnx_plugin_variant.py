@@ -1,0 +1,193 @@
+"""ONNX graphs for TensorRT's plugin: the calibrated attention as ONE custom node per call.
+
+Stages built with `attention_backend="op"` call `torch.ops.fssam.calibrated_attention`; the
+dynamo exporter keeps it as one FX node, and `custom_translation_table` maps it to
+
+    fssam::CalibratedAttention(q, k, v, c) -> out   {n_sup, n_qry, plugin_namespace="fssam", aot=1}
+
+the form TensorRT's ONNX parser turns into the plugin `fssam::CalibratedAttention`
+(`kernels.tensorrt_plugin`; op_type = plugin name, `plugin_namespace` = its namespace, `aot=1` =
+its ahead-of-time kernel). The op is registered as an ONNX schema, so `onnx.checker` checks the
+node too. ONNX Runtime cannot run these graphs: they are for TensorRT only, next to the standard
+graphs of `export_onnx` in the same folder (`<stage>.plugin.onnx` + `plugin_variants.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, EngineError
+from ..kernels.tensorrt_plugin import PARSER_ATTRS, PLUGIN_ATTRS, PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE
+from ..model import FSSAMConfig, build_stages, load_weights, random_weights
+from ..model.checkpoint import file_sha256
+from ..model.memory_attention import CalibratedMemoryAttention
+from .aoti_manifest import weights_id
+from .onnx_export import STANDARD_DOMAINS, io_entries, read_manifest
+from .specs import STAGE_SPECS, StageSpec, stage_module
+from .tensorrt_manifest import PLUGIN_MANIFEST
+
+CUSTOM_NODE = (PLUGIN_NAMESPACE, PLUGIN_NAME)
+VARIANT_SUFFIX = ".plugin.onnx"
+VARIANT_FORMAT = "fssam-onnx-plugin/1"
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def register_onnx_schema() -> None:
+    """Register `fssam::CalibratedAttention` (version 1) with onnx, once per process."""
+    import onnx.defs as defs
+
+    if defs.has(PLUGIN_NAME, PLUGIN_NAMESPACE):
+        return
+    schema, param = defs.OpSchema, defs.OpSchema.FormalParameter
+    attr = lambda name, kind, doc: schema.Attribute(name, kind, doc)  # noqa: E731
+    defs.register_schema(schema(
+        PLUGIN_NAME, PLUGIN_NAMESPACE, 1,
+        "Support-calibrated attention softmax(q k^T / sqrt(D) + bias) v (fssam_deploy.kernels): the TensorRT "
+        "plugin fssam::CalibratedAttention.",
+        inputs=[param("q", "T", "(B, H, Nq, D)"), param("k", "T", "(B, H, Nk, D)"), param("v", "T", "(B, H, Nk, D)"),
+                param("c", "TC", "(B, H, n_qry) calibration weights")],
+        outputs=[param("out", "T", "(B, H, Nq, D)")],
+        type_constraints=[("T", _FLOATS, "q, k, v, out"), ("TC", _FLOATS, "c")],
+        attributes=[attr("n_sup", schema.AttrType.INT, "support keys [0, n_sup)"),
+                    attr("n_qry", schema.AttrType.INT, "calibrated keys [n_sup, n_sup + n_qry)"),
+                    attr("plugin_namespace", schema.AttrType.STRING, "TensorRT plugin namespace"),
+                    attr("aot", schema.AttrType.INT, "1: TensorRT uses the ahead-of-time kernel")]))
+
+
+def _translation():
+    """The onnxscript function that emits one custom node for `fssam::calibrated_attention`."""
+    import onnxscript
+
+    register_onnx_schema()
+    opset = onnxscript.values.Opset(domain=PLUGIN_NAMESPACE, version=1)
+
+    def calibrated_attention(q, k, v, c, n_sup: int, n_qry: int):
+        return getattr(opset, PLUGIN_NAME)(q, k, v, c, n_sup=n_sup, n_qry=n_qry, plugin_namespace=PLUGIN_NAMESPACE,
+                                           aot=1)
+
+    return calibrated_attention
+
+
+def plugin_stage_names(module_set) -> list[str]:
+    """Stages (of STAGE_SPECS) whose module runs the calibrated attention, i.e. has plugin nodes."""
+    return [name for name in STAGE_SPECS
+            if any(isinstance(m, CalibratedMemoryAttention) for m in stage_module(module_set, name).modules())]
+
+
+def expected_custom_nodes(module: torch.nn.Module) -> int:
+    """One custom node per cross-attention call: a memory-attention layer calls it once."""
+    return sum(len(m.ma.layers) for m in module.modules() if isinstance(m, CalibratedMemoryAttention))
+
+
+def custom_nodes(model) -> list:
+    """The graph's `fssam::CalibratedAttention` nodes (main graph)."""
+    return [n for n in model.graph.node if (n.domain, n.op_type) == CUSTOM_NODE]
+
+
+def check_variant_graph(path: str | Path, expected: int) -> None:
+    """onnx.checker (full, the custom schema included), exactly `expected` custom nodes with the plugin's
+    attributes, every other node in the standard domain, no local functions (no ATen fallbacks)."""
+    import onnx
+
+    register_onnx_schema()
+    path = Path(path)
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    found = custom_nodes(model)
+    if len(found) != expected:
+        raise EngineError(f"{path}: {len(found)} {PLUGIN_ID} nodes, expected {expected} (one per memory-attention "
+                          "layer); the stage was not built with attention_backend='op'?")
+    odd = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                  if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) != CUSTOM_NODE})
+    if odd or model.functions:
+        raise EngineError(f"{path}: non-standard nodes {odd} / local functions {[f.name for f in model.functions]}")
+    for node in found:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        want = {"plugin_namespace": PLUGIN_NAMESPACE.encode(), "aot": 1}
+        if any(attrs.get(k) != v for k, v in want.items()) or any(k not in attrs for k in PLUGIN_ATTRS):
+            raise EngineError(f"{path}: node {node.name} has attributes {attrs}; expected {PLUGIN_ATTRS} and "
+                              f"{PARSER_ATTRS} = {want}")
+
+
+def export_plugin_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int,
+                        dynamic: bool) -> dict:
+    """Export one stage (built with attention_backend='op') with custom nodes; returns its manifest entry."""
+    import onnx
+    import onnxslim
+
+    example = spec.dummy_inputs(cfg, batch=2 if dynamic else 1, shots=cfg.shots)
+    dyn = tuple({0: torch.export.Dim("batch", min=1, max=64)} for _ in spec.inputs) if dynamic else None
+    table = {torch.ops.fssam.calibrated_attention.default: _translation()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(example.values()), str(path), dynamo=True, opset_version=opset,
+                          input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=dyn,
+                          custom_translation_table=table, optimize=True, verbose=False)
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    expected = expected_custom_nodes(module)
+    check_variant_graph(path, expected)
+    return {"file": path.name, "custom_nodes": expected, "inputs": io_entries(spec.inputs, cfg, dynamic, cfg.shots),
+            "outputs": io_entries(spec.outputs, cfg, dynamic, cfg.shots), "sha256": file_sha256(path)}
+
+
+def export_plugin_variants(cfg: FSSAMConfig, onnx_dir: str | Path, checkpoint=None, seed: int = 0) -> Path:
+    """Write `<stage>.plugin.onnx` for every stage with the calibrated attention, and `plugin_variants.json`,
+    into the folder `export_onnx` wrote (same config, weights, opset and batch mode). Returns the manifest path.
+    """
+    onnx_dir = Path(onnx_dir)
+    manifest = read_manifest(onnx_dir, expect=cfg)
+    if manifest["precision"] != "fp32":
+        raise ConfigError(f"{onnx_dir}: graphs of precision {manifest['precision']!r}; plugin variants are exported "
+                          "in fp32 only so far: build the TensorRT engines without the plugin (--no-plugin)")
+    wid = weights_id(checkpoint, seed)
+    if manifest["weights"] != wid:
+        raise ConfigError(f"{onnx_dir}: graphs exported from weights {manifest['weights']}, the plugin variants "
+                          f"would be from {wid}; pass the same --checkpoint / --seed as `fssam export`")
+    weights = random_weights(cfg, seed)
+    if checkpoint is not None:
+        load_weights(weights, checkpoint)
+    from ..kernels import op as _op  # noqa: F401  (registers torch.ops.fssam.calibrated_attention)
+
+    module_set = build_stages(weights, attention_backend="op")
+    entries = {}
+    for name in plugin_stage_names(module_set):
+        path = onnx_dir / f"{name}{VARIANT_SUFFIX}"
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=onnx_dir) as work:  # the exporter's side files
+            entries[name] = export_plugin_stage(stage_module(module_set, name), STAGE_SPECS[name], cfg,
+                                                Path(work) / path.name, manifest["opset"],
+                                                manifest["batch"] == "dynamic")
+            os.replace(Path(work) / path.name, path)
+    doc = {"format": VARIANT_FORMAT, "plugin": PLUGIN_ID, "config": cfg.to_dict(), "weights": wid,
+           "opset": manifest["opset"], "batch": manifest["batch"], "stages": entries}
+    out = onnx_dir / PLUGIN_MANIFEST
+    with tempfile.NamedTemporaryFile("w", dir=onnx_dir, prefix=f".{PLUGIN_MANIFEST}.", delete=False) as f:
+        json.dump(doc, f, indent=2)
+    os.replace(f.name, out)
+    return out
+
+
+def read_plugin_variants(onnx_dir: str | Path) -> dict:
+    """`plugin_variants.json` of an ONNX folder, checked against the folder's own manifest (same weights)."""
+    onnx_dir = Path(onnx_dir)
+    path = onnx_dir / PLUGIN_MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{path}: no plugin variants in {onnx_dir}; export the graphs with "
+                          "`fssam export ... --tensorrt-plugin` (or call export_plugin_variants(cfg, onnx_dir, "
+                          "checkpoint, seed) with the graphs' checkpoint / seed), or build with --no-plugin")
+    doc = json.loads(path.read_text())
+    manifest = read_manifest(onnx_dir)
+    same = doc.get("format") == VARIANT_FORMAT and (doc["weights"], doc["config"]) == (manifest["weights"],
+                                                                                      manifest["config"])
+    if not same:
+        raise EngineError(f"{path}: plugin variants of other graphs (weights {doc.get('weights')} vs "
+                          f"{manifest['weights']}, or another config); export them again")
+    for name, entry in doc["stages"].items():
+        if not (onnx_dir / entry["file"]).is_file():
+            raise EngineError(f"{onnx_dir / entry['file']}: plugin variant of stage {name!r} is missing; export again")
+    return doc

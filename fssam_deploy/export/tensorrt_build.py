@@ -1,0 +1,188 @@
+"""Build one TensorRT engine per stage from the ONNX graphs of `fssam export`, with Polygraphy; atomically.
+
+Per stage: `NetworkFromOnnxPath(graph, strongly_typed=...)` -> `CreateConfig(profiles=[one Profile
+with every input's min/opt/max], load_timing_cache=..., memory_pool_limits=...)` ->
+`EngineFromNetwork(..., save_timing_cache=...)` -> `SaveEngine`. Profiles come from the ONNX
+manifest's input shapes and the episode batch range (`tensorrt_manifest.stage_profile`).
+
+Precision: TensorRT 11 has no weak typing (`BuilderFlag.FP16` is gone), so fp16 / bf16 engines
+are strongly typed networks parsed from fp16 / bf16 graphs. On TensorRT 10, fp32 graphs may
+instead be built with the weak-typing flags; `typing_plan` decides from what the installed
+module offers. fp32 engines keep TF32 off (Polygraphy's default), for parity with PyTorch fp32.
+
+With `plugin=True` a stage that has a plugin variant (`export.onnx_plugin_variant`) is built from
+it: its calibrated attention is the AOT plugin `fssam::CalibratedAttention`, registered here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import BackendUnavailableError, ConfigError, EngineError
+from ..model.checkpoint import file_sha256
+from ..model.config import FSSAMConfig
+from .onnx_export import read_manifest
+from .specs import STAGE_SPECS
+from .tensorrt_manifest import (
+    ENGINE_MANIFEST,
+    BuildSettings,
+    build_manifest,
+    check_timing_cache,
+    current_platform,
+    stage_profile,
+    timing_cache_key,
+    write_timing_cache_key,
+)
+from .trt_ops import check_trt_ops
+
+
+def trt_features() -> dict:
+    """What the installed TensorRT offers: version, weak-typing flags, AOT Python plugins."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError("building TensorRT engines needs TensorRT: pip install tensorrt "
+                                      "(and polygraphy, in fssam-deploy[onnx])") from exc
+    return {"tensorrt": trt.__version__, "fp16_flag": hasattr(trt.BuilderFlag, "FP16"),
+            "bf16_flag": hasattr(trt.BuilderFlag, "BF16"), "aot_plugins": hasattr(trt, "QuickPluginCreationRequest")}
+
+
+def typing_plan(precision: str, graph_precision: str, features: dict) -> dict:
+    """{"strongly_typed", "fp16", "bf16"} for engines of `precision` from graphs of `graph_precision`.
+
+    Same precision: a strongly typed network, the graph's types are the engine's. fp32 graphs to
+    fp16 / bf16 engines: weak typing, only where TensorRT still has the flag (10.x, not 11).
+    """
+    if graph_precision == precision:
+        return {"strongly_typed": True, "fp16": False, "bf16": False}
+    if graph_precision == "fp32" and precision in ("fp16", "bf16"):
+        if features[f"{precision}_flag"]:
+            return {"strongly_typed": False, "fp16": precision == "fp16", "bf16": precision == "bf16"}
+        raise EngineError(f"TensorRT {features['tensorrt']} has no weak typing (BuilderFlag.{precision.upper()} is "
+                          f"gone since TensorRT 11): {precision} engines need {precision} graphs; export them with "
+                          f"`fssam export --precision {precision}` and build from those")
+    raise EngineError(f"graphs exported in {graph_precision} cannot give {precision} engines; export "
+                      f"{precision} graphs (`fssam export --precision {precision}`) or build --precision "
+                      f"{graph_precision}")
+
+
+def build_stage(onnx_path: Path, engine_path: Path, profile: dict, plan: dict, timing_cache: str | None,
+                workspace_gib: float | None) -> None:
+    """Parse, build and save one engine with Polygraphy's loaders."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    prof = Profile()
+    for name, shapes in profile.items():
+        prof.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
+    pools = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)} if workspace_gib else None
+    config = CreateConfig(profiles=[prof], load_timing_cache=timing_cache, memory_pool_limits=pools,
+                          fp16=plan["fp16"] or None, bf16=plan["bf16"] or None)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan["strongly_typed"])
+    SaveEngine(EngineFromNetwork(network, config, save_timing_cache=timing_cache), str(engine_path))()
+
+
+def _graph_for(name: str, onnx_dir: Path, manifest: dict, variants: dict | None) -> tuple[Path, dict, bool]:
+    """(path, ONNX manifest entry, is plugin variant) of the graph a stage is built from, checked intact."""
+    use_variant = variants is not None and name in variants["stages"]
+    entry = variants["stages"][name] if use_variant else manifest["stages"][name]
+    path = onnx_dir / entry["file"]
+    if file_sha256(path) != entry["sha256"]:
+        raise EngineError(f"{path}: graph content differs from its manifest's sha256 (modified after export); "
+                          "export the graphs again")
+    return path, entry, use_variant
+
+
+def _plugin_setup(onnx_dir: Path, plugin: bool) -> tuple[dict | None, str | None]:
+    if not plugin:
+        return None, None
+    from ..kernels.tensorrt_plugin import kernel_source_sha256, register_plugin
+    from .onnx_plugin_variant import read_plugin_variants
+
+    variants = read_plugin_variants(onnx_dir)
+    register_plugin()
+    return variants, kernel_source_sha256()
+
+
+def _versions(plugin: bool) -> dict:
+    import polygraphy
+    import torch
+
+    versions = {"polygraphy": polygraphy.__version__, "torch": torch.__version__}
+    if plugin:
+        import triton
+
+        versions["triton"] = triton.__version__
+    return versions
+
+
+def build_tensorrt(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", batch: tuple = (1, 1, 1),
+                   timing_cache: str | Path | None = None, workspace_gib: float | None = None, plugin: bool = True,
+                   progress: bool = True) -> Path:
+    """Build `<stage>.engine` for every stage of STAGE_SPECS from `onnx_dir` into `out_dir`, plus `engines.json`.
+
+    `batch` = (min, opt, max) episodes per call (graphs exported with a static batch take (1, 1, 1)).
+    `timing_cache`: a file reused and extended across builds (refused when made for another GPU,
+    TensorRT, precision or plugin kernel). `workspace_gib`: TensorRT's workspace limit (None: its
+    default). `plugin`: build stages with the calibrated attention from their plugin variants.
+    The folder is written beside `out_dir` and renamed into place: a failure leaves nothing behind.
+    """
+    settings = BuildSettings(str(Path(onnx_dir).resolve()), str(Path(out_dir).resolve()), precision, tuple(batch),
+                             str(Path(timing_cache).resolve()) if timing_cache else None, workspace_gib, plugin)
+    onnx_dir, out_dir = Path(settings.onnx_dir), Path(settings.out_dir)
+    manifest = read_manifest(onnx_dir)
+    cfg = FSSAMConfig.from_dict(manifest["config"])
+    if manifest["batch"] != "dynamic" and settings.batch != (1, 1, 1):
+        raise ConfigError(f"{onnx_dir}: graphs have a static batch (exported with --batch 1); batch {settings.batch} "
+                          "needs graphs exported with --batch dynamic")
+    plan = typing_plan(precision, manifest["precision"], trt_features())
+    platform = current_platform()
+    variants, kernel_sha = _plugin_setup(onnx_dir, plugin)
+    key = timing_cache_key(platform, precision, kernel_sha)
+    if settings.timing_cache:
+        check_timing_cache(settings.timing_cache, key)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        stages = _build_all(onnx_dir, manifest, variants, cfg, settings, plan, tmp, progress)
+        doc = build_manifest(cfg, settings, platform, stages, manifest, _versions(plugin), key)
+        (tmp / ENGINE_MANIFEST).write_text(json.dumps(doc, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if settings.timing_cache:
+        write_timing_cache_key(settings.timing_cache, key)
+    return out_dir
+
+
+def _build_all(onnx_dir, manifest, variants, cfg, settings: BuildSettings, plan, tmp: Path, progress: bool) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .onnx_plugin_variant import CUSTOM_NODE
+
+    stages = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("tensorrt", total=len(STAGE_SPECS))
+        for name, spec in STAGE_SPECS.items():
+            path, entry, is_variant = _graph_for(name, onnx_dir, manifest, variants)
+            bar.update(task, description=f"building {name} ({settings.precision}{', plugin' if is_variant else ''})")
+            check_trt_ops(path, frozenset({CUSTOM_NODE}) if is_variant else frozenset())
+            profile = stage_profile(spec, entry["inputs"], settings.batch, cfg.shots)
+            engine = tmp / f"{name}.engine"
+            t0 = time.perf_counter()
+            build_stage(path, engine, profile, plan, settings.timing_cache, settings.workspace_gib)
+            stages[name] = {"file": engine.name, "sha256": file_sha256(engine), "onnx_file": path.name,
+                            "onnx_sha256": entry["sha256"], "plugin": is_variant,
+                            "custom_nodes": entry.get("custom_nodes", 0), "precision": settings.precision,
+                            **plan, "profile": profile, "build_s": round(time.perf_counter() - t0, 1)}
+            bar.advance(task)
+    return stages

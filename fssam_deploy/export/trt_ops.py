@@ -1,0 +1,118 @@
+"""Which ONNX operators TensorRT's ONNX parser takes: the list as data, and the checks of a graph against it.
+
+`data/trt_onnx_ops.json` holds the operator table of onnx-tensorrt's `docs/operators.md` (source,
+commit and date recorded in the file). `unsupported_trt_ops(path)` lists the operators of a graph
+(subgraphs and local functions included) that are not on it; `initializer_violations(path)` lists
+nodes that break the table's "`x` must be an initializer" restrictions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from ..errors import EngineError
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+_CONSTANT_RULE = re.compile(r"`(\w+)` must be (?:an initializer|a constant tensor)")
+
+
+@functools.cache
+def trt_op_table() -> dict:
+    """The parsed `data/trt_onnx_ops.json` (keys: source, commit, opset_max, supported, unsupported, ...)."""
+    return json.loads(resources.files(__package__).joinpath("data/trt_onnx_ops.json").read_text())
+
+
+def supported_trt_ops() -> frozenset:
+    """Names of the standard-domain operators the parser supports."""
+    return frozenset(trt_op_table()["supported"])
+
+
+def _graphs(graph):
+    """`graph` and every subgraph held in node attributes (If / Loop / Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def _nodes(model):
+    """Every node of the model: main graph, subgraphs and local function bodies."""
+    for g in _graphs(model.graph):
+        yield from g.node
+    for fn in model.functions:
+        yield from fn.node
+
+
+def _load(onnx_path):
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise EngineError(f"{path}: ONNX graph not found")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def unsupported_trt_ops(onnx_path, custom: frozenset = frozenset()) -> list[str]:
+    """Sorted "domain::op" (just "op" in the standard domain) of operators TensorRT's parser does not take.
+
+    `custom`: (domain, op_type) pairs to accept, e.g. a plugin node. A call of a local function
+    counts as its body; an opset newer than the table's `opset_max` is reported as "opset:N".
+    """
+    model = _load(onnx_path)
+    table, supported = trt_op_table(), supported_trt_ops()
+    functions = {(f.domain, f.name) for f in model.functions}
+    bad = set()
+    for node in _nodes(model):
+        key = (node.domain, node.op_type)
+        if key in custom or key in functions:
+            continue
+        if node.domain in STANDARD_DOMAINS:
+            if node.op_type not in supported:
+                bad.add(node.op_type)
+        else:
+            bad.add(f"{node.domain}::{node.op_type}")
+    for imp in model.opset_import:
+        if imp.domain in STANDARD_DOMAINS and imp.version > table["opset_max"]:
+            bad.add(f"opset:{imp.version}")
+    return sorted(bad)
+
+
+def initializer_violations(onnx_path) -> list[str]:
+    """Nodes whose input must be an initializer (or Constant output) per the table, but is computed.
+
+    Returns "node (op): input `name` is computed" strings; empty when the graph is fine.
+    """
+    import onnx
+
+    model = _load(onnx_path)
+    opset = next((i.version for i in model.opset_import if i.domain in STANDARD_DOMAINS), 18)
+    rules = {op: _CONSTANT_RULE.findall(entry.get("restrictions", ""))
+             for op, entry in trt_op_table()["supported"].items()}
+    out = []
+    for graph in _graphs(model.graph):
+        constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+        for node in graph.node:
+            wanted = rules.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+            if not wanted:
+                continue
+            names = [p.name for p in onnx.defs.get_schema(node.op_type, opset).inputs]
+            for arg in wanted:
+                idx = names.index(arg) if arg in names else None
+                if idx is not None and idx < len(node.input) and node.input[idx] and node.input[idx] not in constant:
+                    out.append(f"{node.name} ({node.op_type}): input `{arg}` is computed ({node.input[idx]!r})")
+    return out
+
+
+def check_trt_ops(onnx_path, custom: frozenset = frozenset()) -> None:
+    """Raise EngineError naming the file and the operators / nodes TensorRT's parser would refuse."""
+    bad, computed = unsupported_trt_ops(onnx_path, custom), initializer_violations(onnx_path)
+    if bad or computed:
+        src = trt_op_table()["source"]
+        raise EngineError(f"{onnx_path}: TensorRT's ONNX parser would refuse operators {bad} and nodes {computed} "
+                          f"(list: {src}); change the stage so the exporter emits supported operators")
