@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -213,6 +215,11 @@ def test_bad_requests(tmp_path, tiny_cfg):
                     "is compiled into the decoder package only on CUDA")
 def test_cuda_decoder_package_holds_triton_kernel(tmp_path, tiny_cfg):
     out = build_aoti(tiny_cfg, tmp_path / "cuda", device="cuda", stages=["decoder"], progress=False)
+    # Loading a CUDA package crashed the process on torch 2.11 + H200 (SIGSEGV): probe it in a child first
+    probe = subprocess.run([sys.executable, "-c", "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])",
+                            str(out / "decoder.pt2")], capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0, (f"aoti_load_package crashed (exit {probe.returncode}) on torch {torch.__version__}, "
+                                   f"{torch.cuda.get_device_name()}: {probe.stderr[-2000:]}")
     m = read_aoti_manifest(out, expect_config=tiny_cfg, device="cuda")
     assert m["device"]["name"] == torch.cuda.get_device_name() and m["device"]["capability"]
     with zipfile.ZipFile(out / "decoder.pt2") as z:
