@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -156,24 +155,15 @@ def _kernel_config():
     return str(getattr(tk._calibrated_attn_fwd_tuned, "best_config", None))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def environment(args, device) -> dict:
     """Device, versions and every setting the run applied."""
     import torch
     import triton
 
+    from fssam_deploy.export.artifacts import cpu_name
     from fssam_deploy.kernels import triton_calibrated_attention as tk
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return dict(
         device=str(device), device_name=name, torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, python=sys.version.split()[0], torch_threads=torch.get_num_threads(),

@@ -13,8 +13,6 @@ both (see `aoti_manifest`) and the runtime (`runtime.aoti_runner`) refuses stale
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ from ..errors import ConfigError
 from ..model import FSSAMConfig, build_stages, load_weights, random_weights
 from ..model.checkpoint import file_sha256
 from .aoti_manifest import MANIFEST, build_manifest, device_info, weights_id
+from .artifacts import atomic_dir
 from .autocast_stage import AUTOCAST_DTYPES, AutocastStage
 from .specs import STAGE_SPECS, StageSpec, stage_module
 
@@ -96,21 +95,12 @@ def build_aoti(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int
     if checkpoint is not None:
         load_weights(weights, checkpoint)
     module_set = build_stages(weights.to(device), attention_backend=ATTENTION_BACKEND)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         entries = _compile_all(module_set, cfg, names, tmp, device, batch, precision, progress)
         manifest = build_manifest(cfg, entries, device_info(device), batch, weights_id(checkpoint, seed))
         manifest["precision"] = precision
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _compile_all(module_set, cfg, names, tmp: Path, device: torch.device, batch: int, precision: str,

@@ -16,6 +16,7 @@ import torch
 from ..errors import EngineError
 from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
+from .artifacts import cpu_name
 
 MANIFEST = "manifest.json"
 AOTI_FORMAT = "fssam-aoti/1"
@@ -32,18 +33,6 @@ def _cpu_isa() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def device_info(device: str | torch.device) -> dict:
     """{"type", "name", ...}: GPU name and compute capability on CUDA, CPU model and vector ISA on CPU."""
     device = torch.device(device)
@@ -51,7 +40,7 @@ def device_info(device: str | torch.device) -> dict:
         major, minor = torch.cuda.get_device_capability(device)
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
     if device.type == "cpu":
-        return {"type": "cpu", "name": _cpu_name(), "isa": _cpu_isa()}
+        return {"type": "cpu", "name": cpu_name(), "isa": _cpu_isa()}
     return {"type": device.type, "name": str(device)}
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,18 +11,40 @@ import torch
 from ..errors import ConfigError, EngineError
 from ..model import FSSAMConfig, build_stages, load_weights, random_weights
 from ..model.checkpoint import file_sha256
+from .artifacts import atomic_dir
 from .specs import STAGE_SPECS, StageSpec, stage_module
 
 MANIFEST = "manifest.json"
 STANDARD_DOMAINS = {"", "ai.onnx"}
+PRECISIONS = ("fp32", "fp16")  # fp16: fp16 graphs with fp32 islands and float32 inputs/outputs (export/fp16.py)
 
 
 def export_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int,
-                 dynamic: bool, shots: int) -> dict:
-    """Export one stage to `path`; returns its manifest entry (node counts before/after onnxslim)."""
+                 dynamic: bool, shots: int, precision: str = "fp32") -> dict:
+    """Export one stage to `path`; returns its manifest entry (node counts before/after onnxslim, and for
+    fp16 the op types kept fp32, `export.fp16.to_fp16`)."""
     import onnx
     import onnxslim
 
+    example = export_raw(module, spec, cfg, path, opset, dynamic, shots)
+    model = onnx.load(str(path))
+    nodes_before = len(model.graph.node)
+    slim = onnxslim.slim(model)  # measured against onnx-simplifier: benchmarks/compare_simplifiers.py
+    onnx.save(slim, str(path))
+    entry = {"file": path.name, "nodes": len(slim.graph.node), "nodes_before_onnxslim": nodes_before}
+    if precision == "fp16":
+        from .fp16 import to_fp16
+
+        entry.update(to_fp16(path, {k: v.numpy() for k, v in example.items()}))
+        entry["nodes"] = len(onnx.load(str(path), load_external_data=False).graph.node)
+    check_graph(path)
+    return {**entry, "inputs": io_entries(spec.inputs, cfg, dynamic, shots),
+            "outputs": io_entries(spec.outputs, cfg, dynamic, shots), "sha256": file_sha256(path)}
+
+
+def export_raw(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int, dynamic: bool,
+               shots: int) -> dict[str, torch.Tensor]:
+    """The dynamo exporter's graph of one stage (not simplified) at `path`; returns the example inputs used."""
     example = spec.dummy_inputs(cfg, batch=2 if dynamic else 1, shots=shots)
     dyn = None
     if dynamic:
@@ -35,15 +55,7 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, pat
         torch.onnx.export(module.eval(), tuple(example.values()), str(path), dynamo=True, opset_version=opset,
                           input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=dyn,
                           optimize=True, verbose=False)
-    model = onnx.load(str(path))
-    nodes_before = len(model.graph.node)
-    slim = onnxslim.slim(model)
-    onnx.save(slim, str(path))
-    check_graph(path)
-    return {"file": path.name, "nodes": len(slim.graph.node), "nodes_before_onnxslim": nodes_before,
-            "inputs": io_entries(spec.inputs, cfg, dynamic, shots),
-            "outputs": io_entries(spec.outputs, cfg, dynamic, shots),
-            "sha256": file_sha256(path)}
+    return example
 
 
 def io_entries(tensors, cfg, dynamic: bool, shots: int) -> list[dict]:
@@ -70,9 +82,12 @@ def check_graph(path: Path) -> None:
 def export_onnx(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: int = 0, opset: int = 18,
                 batch: str = "1", precision: str = "fp32", stages: list[str] | None = None,
                 progress: bool = True) -> Path:
-    """Write one ONNX graph per stage and `manifest.json` into `out_dir` (replaced atomically)."""
-    if precision != "fp32":
-        raise ConfigError(f"precision {precision!r}: only fp32 graphs are exported so far")
+    """Write one ONNX graph per stage and `manifest.json` into `out_dir` (replaced atomically).
+
+    precision "fp16": fp16 graphs with fp32 islands (`export.fp16`); graph inputs and outputs stay float32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: choose from {list(PRECISIONS)}")
     if batch not in ("1", "dynamic"):
         raise ConfigError(f"batch must be '1' or 'dynamic', got {batch!r}")
     names = stages or list(STAGE_SPECS)
@@ -83,23 +98,15 @@ def export_onnx(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: in
     if checkpoint is not None:
         load_weights(weights, checkpoint)
     module_set = build_stages(weights, attention_backend="torch")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        entries = _export_all(module_set, cfg, names, tmp, opset, batch == "dynamic", progress)
+    with atomic_dir(out_dir) as tmp:
+        entries = _export_all(module_set, cfg, names, tmp, opset, batch == "dynamic", precision, progress)
         manifest = build_manifest(cfg, entries, opset, batch, precision, checkpoint, seed)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
-def _export_all(module_set, cfg, names, tmp: Path, opset: int, dynamic: bool, progress: bool) -> dict:
+def _export_all(module_set, cfg, names, tmp: Path, opset: int, dynamic: bool, precision: str,
+                progress: bool) -> dict:
     from rich.progress import Progress
 
     entries = {}
@@ -108,7 +115,7 @@ def _export_all(module_set, cfg, names, tmp: Path, opset: int, dynamic: bool, pr
         for name in names:
             bar.update(task, description=f"exporting {name}")
             entries[name] = export_stage(stage_module(module_set, name), STAGE_SPECS[name], cfg,
-                                         tmp / f"{name}.onnx", opset, dynamic, cfg.shots)
+                                         tmp / f"{name}.onnx", opset, dynamic, cfg.shots, precision)
             bar.advance(task)
     return entries
 
@@ -116,10 +123,15 @@ def _export_all(module_set, cfg, names, tmp: Path, opset: int, dynamic: bool, pr
 def build_manifest(cfg, entries, opset, batch, precision, checkpoint, seed) -> dict:
     import onnx
 
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if precision == "fp16":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__  # its float16 converter wrote the graphs
     return {"format": "fssam-onnx/1", "config": cfg.to_dict(), "opset": opset, "batch": batch,
             "precision": precision, "shots": cfg.shots, "stages": entries,
             "weights": f"sha256:{file_sha256(checkpoint)}" if checkpoint else f"random:{seed}",
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__}}
+            "versions": versions}
 
 
 def read_manifest(engine_dir: str | Path, expect: FSSAMConfig | None = None) -> dict:

@@ -17,14 +17,13 @@ it: its calibrated attention is the AOT plugin `fssam::CalibratedAttention`, reg
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, ConfigError, EngineError
 from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
+from .artifacts import atomic_dir
 from .onnx_export import read_manifest
 from .specs import STAGE_SPECS
 from .tensorrt_manifest import (
@@ -145,18 +144,10 @@ def build_tensorrt(onnx_dir: str | Path, out_dir: str | Path, precision: str = "
     key = timing_cache_key(platform, precision, kernel_sha)
     if settings.timing_cache:
         check_timing_cache(settings.timing_cache, key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         stages = _build_all(onnx_dir, manifest, variants, cfg, settings, plan, tmp, progress)
         doc = build_manifest(cfg, settings, platform, stages, manifest, _versions(plugin), key)
         (tmp / ENGINE_MANIFEST).write_text(json.dumps(doc, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if settings.timing_cache:
         write_timing_cache_key(settings.timing_cache, key)
     return out_dir

@@ -27,7 +27,6 @@ from conftest import make_episode
 from onnx import TensorProto, helper
 
 from fssam_deploy.errors import BackendUnavailableError, ConfigError, EngineError, InputError
-from fssam_deploy.export import onnx_export
 from fssam_deploy.export.onnx_export import export_onnx
 from fssam_deploy.export.onnx_plugin_variant import (
     CUSTOM_NODE,
@@ -144,9 +143,6 @@ def test_exported_graphs_use_only_parser_ops(graphs):
         assert initializer_violations(path) == [], name
 
 
-@pytest.mark.skipif("fp16" not in getattr(onnx_export, "PRECISIONS", ()), reason="export_onnx has no fp16 yet")
-@pytest.mark.skipif(os.environ.get("FSSAM_TRT_FP16_OPS") != "1",
-                    reason="exporting the fp16 graphs takes ~2.5 min on 2 cores: set FSSAM_TRT_FP16_OPS=1")
 def test_exported_fp16_graphs_use_only_parser_ops(tmp_path, tiny_cfg):
     out = export_onnx(tiny_cfg, tmp_path / "fp16", seed=0, batch="dynamic", precision="fp16", progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
