@@ -136,7 +136,10 @@ def cmd_export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.precision == "int8":
-            out = export_int8(cfg, args)
+            from .export.quantize import export_int8
+
+            out = export_int8(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
+                              batch=args.batch, progress=not args.no_progress)
         else:
             out = export_onnx(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
                               batch=args.batch, precision=args.precision, progress=not args.no_progress)
@@ -147,19 +150,6 @@ def cmd_export(args) -> int:
     print(f"wrote {out}/ (one {args.precision} ONNX graph per stage + manifest.json) in "
           f"{time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def export_int8(cfg: FSSAMConfig, args) -> Path:
-    """fp32 graphs into a scratch folder, then the big encoders quantized to int8 into --out."""
-    import tempfile
-
-    from .export.onnx_export import export_onnx
-    from .export.quantize import quantize_engine_dir
-
-    with tempfile.TemporaryDirectory(prefix="fssam-fp32-") as tmp:
-        src = export_onnx(cfg, Path(tmp) / "fp32", checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
-                          batch=args.batch, progress=not args.no_progress)
-        return quantize_engine_dir(src, args.out)
 
 
 def cmd_build(args) -> int:

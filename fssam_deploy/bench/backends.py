@@ -96,7 +96,9 @@ class OnnxRuntimeBackend:
             engine_dir = quantize_engine_dir(engine_dir, f"{self._tmp_int8.name}/int8")
         self.episode = OnnxEpisode(engine_dir, expect=cfg, device=device, threads=threads)
         self.settings = {"engine_dir": str(engine_dir), "providers": self.episode.runners["decoder"].session
-                         .get_providers()}
+                         .get_providers(), "precision": self.episode.manifest.get("precision", "fp32"),
+                         "quantized": {k: e["quantized"] for k, e in self.episode.manifest["stages"].items()
+                                       if "quantized" in e}}
 
     def encode_supports(self, supports, masks):
         return self.episode.encode_supports(supports.to(self.device), masks.to(self.device))
