@@ -110,7 +110,7 @@ def cmd_bench(args) -> int:
     from .bench.run import BenchSettings, run_bench
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    cfg = config_from_args(args, shots=1)
+    cfg = config_from_args(args, shots=ints(args.shots)[0])  # --engine-dir serves the first shot count
     if not args.checkpoint:
         print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}); latency is real, masks are not.",
               file=sys.stderr)
