@@ -16,7 +16,7 @@ import torch
 from ..errors import EngineError
 from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
-from .artifacts import cpu_name
+from .artifacts import checked_artifact, cpu_name
 
 MANIFEST = "manifest.json"
 AOTI_FORMAT = "fssam-aoti/1"
@@ -82,17 +82,7 @@ def _check_device(path: Path, built: dict, device: torch.device) -> None:
 
 def check_package(package_dir: Path, manifest: dict, stage: str) -> Path:
     """The path of `stage`'s package, after checking it is listed, present and unchanged (sha256)."""
-    if stage not in manifest["stages"]:
-        raise EngineError(f"{package_dir}: no package for stage {stage!r} (built: {sorted(manifest['stages'])}); "
-                          f"{REBUILD} including it")
-    entry = manifest["stages"][stage]
-    path = package_dir / entry["file"]
-    if not path.is_file():
-        raise EngineError(f"{path}: package of stage {stage!r} is missing; {REBUILD}")
-    if file_sha256(path) != entry["sha256"]:
-        raise EngineError(f"{path}: package content does not match the manifest's sha256 (modified or "
-                          f"replaced after the build); {REBUILD}")
-    return path
+    return checked_artifact(package_dir, manifest, stage, "package", REBUILD)
 
 
 def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | None = None,

@@ -9,6 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import EngineError
+from ..model.checkpoint import file_sha256
+
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
@@ -39,3 +42,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def checked_artifact(folder: str | Path, manifest: dict, stage: str, kind: str, rebuild: str) -> Path:
+    """The path of `stage`'s `kind` ("package", "engine") in `folder`, after checking that the manifest
+    lists it and that it is present and unchanged (sha256); otherwise an EngineError ending in `rebuild`."""
+    folder = Path(folder)
+    if stage not in manifest["stages"]:
+        raise EngineError(f"{folder}: no {kind} for stage {stage!r} (built: {sorted(manifest['stages'])}); {rebuild}")
+    entry = manifest["stages"][stage]
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise EngineError(f"{path}: {kind} of stage {stage!r} is missing; {rebuild}")
+    if file_sha256(path) != entry["sha256"]:
+        raise EngineError(f"{path}: {kind} content does not match the manifest's sha256 (modified or replaced after "
+                          f"the build); {rebuild}")
+    return path

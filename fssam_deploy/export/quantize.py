@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import ConfigError, EngineError
 from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
+from .artifacts import atomic_dir
 from .onnx_export import MANIFEST, check_graph, export_onnx, read_manifest
 from .specs import STAGE_SPECS
 
@@ -90,9 +91,7 @@ def quantize_engine_dir(src_dir: str | Path, dst_dir: str | Path, stages: list[s
     check_fp32_graphs(src_dir, manifest, names)
     if dst_dir.resolve() == src_dir.resolve():
         raise ConfigError(f"{dst_dir}: the int8 engine dir must differ from its fp32 source dir")
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", dir=dst_dir.parent))
-    try:
+    with atomic_dir(dst_dir) as tmp:
         cfg = FSSAMConfig.from_dict(manifest["config"])
         out = json.loads(json.dumps(manifest))  # a deep copy to update
         for name, entry in manifest["stages"].items():
@@ -104,12 +103,6 @@ def quantize_engine_dir(src_dir: str | Path, dst_dir: str | Path, stages: list[s
                 for f in graph_files(src_dir / entry["file"]):
                     shutil.copy2(f, tmp / f.name)
         (tmp / MANIFEST).write_text(json.dumps(int8_manifest(out, src_dir), indent=2))
-        if dst_dir.exists():
-            shutil.rmtree(dst_dir)
-        tmp.rename(dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst_dir
 
 

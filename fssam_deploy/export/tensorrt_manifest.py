@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, EngineError
-from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
+from .artifacts import checked_artifact
 from .specs import IMAGE_INPUTS, StageSpec
 
 ENGINE_MANIFEST = "engines.json"
@@ -248,15 +248,4 @@ def read_trt_manifest(engine_dir: str | Path, expect_config: FSSAMConfig | None 
 
 def check_engine(engine_dir: str | Path, manifest: dict, stage: str) -> Path:
     """The path of `stage`'s engine, after checking it is listed, present and unchanged (sha256)."""
-    engine_dir = Path(engine_dir)
-    if stage not in manifest["stages"]:
-        raise EngineError(f"{engine_dir}: no engine for stage {stage!r} (built: {sorted(manifest['stages'])}); "
-                          f"rebuild: {manifest['rebuild']}")
-    entry = manifest["stages"][stage]
-    path = engine_dir / entry["file"]
-    if not path.is_file():
-        raise EngineError(f"{path}: engine of stage {stage!r} is missing; rebuild: {manifest['rebuild']}")
-    if file_sha256(path) != entry["sha256"]:
-        raise EngineError(f"{path}: engine content does not match the manifest's sha256 (modified or replaced after "
-                          f"the build); rebuild: {manifest['rebuild']}")
-    return path
+    return checked_artifact(engine_dir, manifest, stage, "engine", f"rebuild: {manifest['rebuild']}")
