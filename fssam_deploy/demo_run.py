@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import warnings
 from pathlib import Path
@@ -28,13 +29,8 @@ CUDA_BACKENDS = ["torch", "torch-bf16", "torch-fused", "torch-compile-bf16", "on
 def available_backends(device: str) -> list[str]:
     """The demo's backends for `device`: those that run here without extra builds (TensorRT if installed)."""
     names = list(CUDA_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS)
-    if torch.device(device).type == "cuda":
-        try:
-            import tensorrt  # noqa: F401
-
-            names.append("tensorrt")
-        except ImportError:
-            pass
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
+        names.append("tensorrt")
     return names
 
 

@@ -66,3 +66,16 @@ def tiny_pipeline(tiny_cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Pipeline.from_config(tiny_cfg, seed=0, attention_backend="torch")
+
+
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory, tiny_cfg):
+    """Every stage of the tiny config (fp32, dynamic batch) and the decoder's plugin variant, weights of seed 0.
+
+    Read-only for the tests that take it (the TensorRT ones); tests that need other graphs define their own."""
+    from fssam_deploy.export.onnx_export import export_onnx
+    from fssam_deploy.export.onnx_plugin_variant import export_plugin_variants
+
+    out = export_onnx(tiny_cfg, tmp_path_factory.mktemp("trt") / "graphs", seed=0, batch="dynamic", progress=False)
+    export_plugin_variants(tiny_cfg, out, seed=0)
+    return out

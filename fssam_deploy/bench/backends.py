@@ -75,7 +75,23 @@ def _needs_cuda(name: str, device: torch.device) -> None:
         raise BackendUnavailableError(f"backend {name!r} runs on a CUDA device only (got --device {device})")
 
 
-class OnnxRuntimeBackend:
+class EpisodeBackend:
+    """A backend that drives a `runtime.episode.Episode` (ONNX Runtime, AOTInductor, TensorRT): subclasses set
+    `name`, `device`, `episode` and `settings`."""
+
+    def encode_supports(self, supports, masks):
+        return self.episode.encode_supports(supports.to(self.device), masks.to(self.device))
+
+    def segment_query(self, query, handle):
+        return self.episode.segment_query(query.to(self.device), handle)
+
+    @contextlib.contextmanager
+    def timing_stages(self):
+        self.episode.stage_times = {}
+        yield self.episode.stage_times
+
+
+class OnnxRuntimeBackend(EpisodeBackend):
     """ONNX Runtime over exported graphs; exports them (dynamic batch) when no engine dir is given."""
 
     def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0, threads=None,
@@ -100,23 +116,10 @@ class OnnxRuntimeBackend:
                          "quantized": {k: e["quantized"] for k, e in self.episode.manifest["stages"].items()
                                        if "quantized" in e}}
 
-    def encode_supports(self, supports, masks):
-        return self.episode.encode_supports(supports.to(self.device), masks.to(self.device))
-
-    def segment_query(self, query, handle):
-        return self.episode.segment_query(query.to(self.device), handle)
-
-    @contextlib.contextmanager
-    def timing_stages(self):
-        self.episode.stage_times = {}
-        yield self.episode.stage_times
 
 
-class AotiBackend(OnnxRuntimeBackend):
-    """AOTInductor packages (`fssam build --format aoti`); compiled here (static batch 1) when no dir is given.
-
-    Shares the ONNX Runtime adapter's episode interface: only the episode it drives differs.
-    """
+class AotiBackend(EpisodeBackend):
+    """AOTInductor packages (`fssam build --format aoti`); compiled here (static batch 1) when no dir is given."""
 
     def __init__(self, cfg: FSSAMConfig, device, engine_dir=None, checkpoint=None, seed: int = 0,
                  precision: str = "fp32"):

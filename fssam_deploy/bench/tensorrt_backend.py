@@ -8,7 +8,6 @@ the query side replayed as one CUDA graph (`runtime.tensorrt_episode.CapturedQue
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..model import FSSAMConfig
+from .backends import EpisodeBackend
 
 BENCH_BATCH = (1, 1, 8)  # the batch range of engines built here
 
@@ -36,8 +36,8 @@ def build_bench_engines(cfg: FSSAMConfig, weights, workdir: str | Path) -> Path:
     return build_tensorrt(graphs, workdir / "engines", batch=BENCH_BATCH, progress=False)
 
 
-class TensorRTBackend:
-    """`encode_supports` / `segment_query` / `timing_stages` over a `TrtEpisode`."""
+class TensorRTBackend(EpisodeBackend):
+    """`encode_supports` / `segment_query` / `timing_stages` over a `TrtEpisode` (optionally a captured query side)."""
 
     def __init__(self, cfg: FSSAMConfig, weights, device, engine_dir=None, cuda_graph: bool = False):
         from ..runtime.tensorrt_episode import TrtEpisode
@@ -56,13 +56,10 @@ class TensorRTBackend:
                          "plugin_stages": [s for s, e in m["stages"].items() if e["plugin"]],
                          "tensorrt": m["platform"]["tensorrt"], "cuda_graph": cuda_graph}
 
-    def encode_supports(self, supports, masks):
-        return self.episode.encode_supports(supports.to(self.device), masks.to(self.device))
-
     def segment_query(self, query, handle):
-        query = query.to(self.device)
         if not self.cuda_graph:
-            return self.episode.segment_query(query, handle)
+            return super().segment_query(query, handle)
+        query = query.to(self.device)
         from ..runtime.tensorrt_episode import CapturedQuery
 
         key = (tuple(query.shape), *(tuple(t.shape) for t in handle.__dict__.values()))
@@ -74,12 +71,6 @@ class TensorRTBackend:
         times = self.episode.stage_times
         times["query_graph"] = times.get("query_graph", 0.0) + time.perf_counter() - t0
         return logits
-
-    @contextlib.contextmanager
-    def timing_stages(self):
-        """Per-stage seconds of the calls inside (the replayed query side as one entry, 'query_graph')."""
-        self.episode.stage_times = {}
-        yield self.episode.stage_times
 
 
 def make_tensorrt_backend(cfg: FSSAMConfig, weights, device, engine_dir=None) -> TensorRTBackend:

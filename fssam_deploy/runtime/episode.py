@@ -86,6 +86,8 @@ class Episode:
         self.close()
 
     def _run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return run_stage(self.runners[name], feed)  # being recorded into a CUDA graph: no sync, no timing
         t0 = time.perf_counter()
         out = run_stage(self.runners[name], feed)
         if self.device.type == "cuda":

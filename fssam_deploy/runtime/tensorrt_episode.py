@@ -1,8 +1,8 @@
 """The episode over TensorRT engines, and the query side captured as one CUDA graph.
 
 `TrtEpisode(engine_dir)` is `Episode({stage: TrtRunner(...)}, cfg, device)`: the same orchestration
-as the ONNX Runtime, AOTInductor and PyTorch episodes, with every tensor kept on the GPU (through
-`CapturableEpisode`, an `Episode` that can be recorded into a CUDA graph, whatever its runners).
+as the ONNX Runtime, AOTInductor and PyTorch episodes, with every tensor kept on the GPU (any
+`Episode` can be recorded into a CUDA graph: it skips its syncs while the stream is capturing).
 `CapturedQuery` records `segment_query` (image encoder, DINOv2, priors, memory encoder,
 refinement, decoder: every TensorRT enqueue and every torch op between them) for fixed shapes
 into one CUDA graph and replays it after copying new inputs into its static buffers.
@@ -18,24 +18,11 @@ from ..errors import InputError
 from ..export.specs import STAGE_SPECS
 from ..export.tensorrt_manifest import current_platform, read_trt_manifest
 from ..model.config import FSSAMConfig
-from .episode import Episode, EpisodeSupport, run_stage
+from .episode import Episode, EpisodeSupport
 from .tensorrt_runner import TrtRunner
 
 
-class CapturableEpisode(Episode):
-    """An `Episode` whose stages can be recorded into a CUDA graph: no synchronisation (nor stage timing)
-    while the current stream is capturing; logits as float32 (fp16 engines return fp16)."""
-
-    def _run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-        if torch.cuda.is_current_stream_capturing():
-            return run_stage(self.runners[name], feed)
-        return super()._run(name, **feed)
-
-    def segment_query(self, query: torch.Tensor, sup: EpisodeSupport) -> torch.Tensor:
-        return super().segment_query(query, sup).float()
-
-
-class TrtEpisode(CapturableEpisode):
+class TrtEpisode(Episode):
     """`segment(query, supports, masks) -> logits (B, 1, S, S)` (float32) through one engine per stage.
 
     `expect`: refuse engines built for another config. Engines are checked against this GPU,
@@ -49,6 +36,9 @@ class TrtEpisode(CapturableEpisode):
         runners = {name: TrtRunner(self.engine_dir, name, expect, device) for name in STAGE_SPECS}
         super().__init__(runners, cfg, device)
 
+    def segment_query(self, query: torch.Tensor, sup: EpisodeSupport) -> torch.Tensor:
+        return super().segment_query(query, sup).float()  # fp16 engines return fp16 logits
+
 
 class CapturedQuery:
     """`segment_query` for one query shape and one support-set shape as a CUDA graph.
@@ -57,7 +47,7 @@ class CapturedQuery:
     it was captured with), replays, and returns a copy of the logits. Shapes must match the capture.
     """
 
-    def __init__(self, episode: CapturableEpisode, query_shape: tuple, support: EpisodeSupport, warmup: int = 2):
+    def __init__(self, episode: Episode, query_shape: tuple, support: EpisodeSupport, warmup: int = 2):
         dev = episode.device
         self.episode = episode
         self.query = torch.zeros(tuple(query_shape), device=dev)

@@ -111,9 +111,10 @@ class _GpuStage(Runner):
 @needs_cuda
 def test_captured_query_replays_the_query_side(tiny_cfg):
     """CapturedQuery = segment_query, for new queries and new supports copied in; shape changes refused."""
-    from fssam_deploy.runtime.tensorrt_episode import CapturableEpisode, CapturedQuery
+    from fssam_deploy.runtime.episode import Episode
+    from fssam_deploy.runtime.tensorrt_episode import CapturedQuery
 
-    episode = CapturableEpisode({n: _GpuStage(s, tiny_cfg) for n, s in STAGE_SPECS.items()}, tiny_cfg, "cuda")
+    episode = Episode({n: _GpuStage(s, tiny_cfg) for n, s in STAGE_SPECS.items()}, tiny_cfg, "cuda")
     q1, sx1, sy1 = (t.cuda() for t in make_episode(tiny_cfg, batch=2, seed=1))
     q2, sx2, sy2 = (t.cuda() for t in make_episode(tiny_cfg, batch=2, seed=2))
     sup1, sup2 = episode.encode_supports(sx1, sy1), episode.encode_supports(sx2, sy2)
@@ -128,16 +129,6 @@ def test_captured_query_replays_the_query_side(tiny_cfg):
 
 
 # ----------------------------------------------------------------------------------- engines
-
-
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory, tiny_cfg):
-    from fssam_deploy.export.onnx_export import export_onnx
-    from fssam_deploy.export.onnx_plugin_variant import export_plugin_variants
-
-    out = export_onnx(tiny_cfg, tmp_path_factory.mktemp("trt") / "graphs", seed=0, batch="dynamic", progress=False)
-    export_plugin_variants(tiny_cfg, out, seed=0)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +247,9 @@ def test_runner_errors(engines, graphs, tiny_cfg, tmp_path):
 @needs_trt
 def test_fp16_engines(tmp_path, tiny_cfg):
     from fssam_deploy.export import onnx_export
+    from fssam_deploy.export.tensorrt_build import build_tensorrt
     from fssam_deploy.model import Pipeline, random_weights
     from fssam_deploy.runtime.tensorrt_episode import TrtEpisode
-
-    if "fp16" not in getattr(onnx_export, "PRECISIONS", ()):
-        pytest.skip("export_onnx has no fp16 graphs yet")
-    from fssam_deploy.export.tensorrt_build import build_tensorrt
 
     graphs = onnx_export.export_onnx(tiny_cfg, tmp_path / "g16", seed=0, batch="dynamic", precision="fp16",
                                      progress=False)

@@ -69,14 +69,6 @@ HERE = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "tensorrt": "10.13.
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory, tiny_cfg):
-    """Every stage of the tiny config (fp32, dynamic batch), and the plugin variants, weights of seed 0."""
-    out = export_onnx(tiny_cfg, tmp_path_factory.mktemp("trt") / "graphs", seed=0, batch="dynamic", progress=False)
-    export_plugin_variants(tiny_cfg, out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
 def op_stages(tiny_cfg):
     return build_stages(random_weights(tiny_cfg, 0), attention_backend="op")
 
