@@ -237,9 +237,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--batch", default="1", choices=["1", "dynamic"])
     e.add_argument("--shots", type=int, default=1)
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="fp16: fp16 graphs with fp32 islands (LayerNorm, softmax, min/max); int8: the image "
-                   "encoder and DINOv2 quantized for ONNX Runtime on the CPU")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="fp16 / bf16: half graphs with fp32 islands (LayerNorm, softmax, min/max); bf16 ones are for "
+                   "TensorRT (ONNX Runtime checks them emulated, in `fssam verify`); int8: the image encoder and "
+                   "DINOv2 quantized for ONNX Runtime on the CPU")
     e.add_argument("--tensorrt-plugin", action="store_true", help="also write the decoder with the calibrated "
                    "attention as one custom node, for `fssam build --format tensorrt` with the fused-kernel plugin")
     e.add_argument("--no-progress", action="store_true")

@@ -8,9 +8,18 @@ Which nodes stay fp32, and why (each stage's manifest entry records the op types
               attention's (L - min) / (max - min + eps), bias and concat up to its softmax; the
               prior's cosine up to its min-max) and the first `TAIL` ones after one (the division
               by a norm, a min-max's division);
+  - "decision": every node that only feeds a discrete choice (ArgMax / ArgMin / TopK: the mask decoder's
+              pick of the best of its masks by predicted IoU, i.e. the whole IoU head): with random weights
+              the scores nearly tie, and one rounding flips which mask the episode returns;
   - "range":  every node with a float input or output whose magnitude, measured in fp32 on the stage's
-              dummy inputs with the weights being exported, exceeds FP16_SAFE_MAX (fp16 max / 8).
-MatMul, Gemm, Conv, ConvTranspose and Einsum never join an island: that is where fp16 pays off.
+              dummy inputs with the weights being exported, exceeds FP16_SAFE_MAX (fp16 max / 8);
+  - "feeds-fp32": every node whose float outputs only fp32 nodes read (`fp32_readers_only`): in half
+              precision it would only round a value that is cast straight back (the memory encoder's
+              sigmoid(mask) * 20 - 10 before its first conv, which bf16 graphs keep in fp32, rounded to
+              bf16 flips its 4-channel LayerNorm).
+
+HEAVY_OPS (MatMul, Gemm, Conv, ConvTranspose, Einsum) never join an island or feeds-fp32 (a decision's own
+head aside): that is where half precision pays off.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ GLUE_OPS = frozenset({
     "Concat", "Slice", "Split", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Transpose",
     "Gather", "GatherElements", "Identity", "Cast", "Resize",
 })
+DECISION_OPS = frozenset({"ArgMax", "ArgMin", "TopK"})
+HEAVY_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})  # where half precision pays off
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 
@@ -77,7 +88,44 @@ def fp32_islands(model, tail: int = TAIL) -> dict[str, str]:
     for name, d in below.items():
         if name in above or d <= tail:
             keep[name] = "island"
+    for name in decision_feeders(nodes, parents, consumers):
+        keep.setdefault(name, "decision")
     return keep
+
+
+def decision_feeders(nodes, parents: dict, consumers: dict) -> set[str]:
+    """The discrete choices (DECISION_OPS) and the nodes all of whose consumers lead only to one, walking up."""
+    chosen = {n.name for n in nodes if n.op_type in DECISION_OPS}
+    todo = deque(chosen)
+    while todo:
+        for p in parents[todo.popleft()]:
+            if p not in chosen and consumers[p] and all(c in chosen for c in consumers[p]):
+                chosen.add(p)
+                todo.append(p)
+    return chosen
+
+
+def fp32_readers_only(model, keep: dict[str, str]) -> dict[str, str]:
+    """`keep` plus ("feeds-fp32") every node with a float output whose outputs only kept nodes read (not graph
+    outputs, not HEAVY_OPS: a product feeding a softmax stays half), walking the topologically sorted graph
+    backwards so chains of them close in one pass."""
+    nodes = list(model.graph.node)
+    producer = {o: n.name for n in nodes for o in n.output if o}
+    readers = defaultdict(set)
+    for n in nodes:
+        for i in n.input:
+            if i in producer:
+                readers[producer[i]].add(n.name)
+    floats = {v.name for v in float_tensors(model)}
+    outputs = {o.name for o in model.graph.output}
+    out = dict(keep)
+    for n in reversed(nodes):
+        if n.name in out or n.op_type in HEAVY_OPS or not floats.intersection(n.output) \
+                or outputs.intersection(n.output):
+            continue
+        if readers[n.name] and readers[n.name] <= out.keys():
+            out[n.name] = "feeds-fp32"
+    return out
 
 
 def float_tensors(model) -> list:
@@ -90,11 +138,13 @@ def float_tensors(model) -> list:
     return [infos[o] for o in produced if o in infos and infos[o].type.tensor_type.elem_type == _FLOAT]
 
 
-def measure_ranges(model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+def measure_ranges(model, feeds: dict[str, np.ndarray], custom_ops: tuple = ()) -> dict[str, float]:
     """{tensor name: max |x|} of every float tensor of the fp32 graph on `feeds` (ONNX Runtime CPU).
 
     One run of a probe graph: the model plus ReduceMax(Abs(t)) of every float tensor t as extra scalar
     outputs, so no intermediate tensor is copied out and memory stays that of one inference.
+    `custom_ops`: onnx.reference implementations of the graph's custom-domain nodes, which ONNX Runtime
+    cannot run; with them the probe runs in onnx's reference evaluator instead.
     """
     import onnx
     import onnxruntime as ort
@@ -110,11 +160,17 @@ def measure_ranges(model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
         probe.graph.node.extend([helper.make_node("Abs", [t], [f"_probe_abs_{i}"]),
                                  helper.make_node("ReduceMax", [f"_probe_abs_{i}"], [f"_probe_max_{i}"], keepdims=0)])
         probe.graph.output.append(helper.make_tensor_value_info(f"_probe_max_{i}", _FLOAT, []))
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     wanted = [f"_probe_max_{i}" for i in range(len(names))]
-    ranges.update({t: float(v) for t, v in zip(names, sess.run(wanted, feeds))})
+    if custom_ops:
+        from onnx.reference import ReferenceEvaluator
+
+        values = ReferenceEvaluator(probe, new_ops=list(custom_ops)).run(wanted, feeds)
+    else:
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        values = ort.InferenceSession(probe.SerializeToString(), opts,
+                                      providers=["CPUExecutionProvider"]).run(wanted, feeds)
+    ranges.update({t: float(v) for t, v in zip(names, values)})
     return ranges
 
 
@@ -175,22 +231,25 @@ def convert_fp16(model, keep: dict[str, str]):
     return tidy(half)
 
 
-def to_fp16(path: str | Path, feeds: dict[str, np.ndarray], limit: float = FP16_SAFE_MAX) -> dict:
+def to_fp16(path: str | Path, feeds: dict[str, np.ndarray], limit: float = FP16_SAFE_MAX,
+            custom_ops: tuple = ()) -> dict:
     """Rewrite the fp32 graph at `path` as fp16 with fp32 islands; returns its manifest fields:
-    fp32_ops ({op type: nodes kept fp32}), fp32_out_of_range ({node: measured max |x|}), fp16_nodes."""
+    fp32_ops ({op type: nodes kept fp32}), fp32_out_of_range ({node: measured max |x|}), fp16_nodes.
+    `custom_ops`: see `measure_ranges`."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
     path = Path(path)
     model = onnx.load(str(path))
     name_nodes(model)
-    ranges = measure_ranges(model, feeds)
+    ranges = measure_ranges(model, feeds, custom_ops)
     bad_inputs = {k: v for k, v in ranges.items() if k in feeds and not v <= limit}
     if bad_inputs:
         raise EngineError(f"{path}: inputs {bad_inputs} exceed the fp16 range (|x| <= {limit:g}); export fp32")
     hot = out_of_range(model, ranges, limit)
     keep = {**fp32_islands(model), **dict.fromkeys(hot, "range")}
     keep.update({n.name: "op" for n in model.graph.node if n.op_type in DEFAULT_OP_BLOCK_LIST})
+    keep = fp32_readers_only(model, keep)
     onnx.save(convert_fp16(model, keep), str(path))
     ops = {n.name: n.op_type for n in model.graph.node}
     return {"fp32_ops": dict(sorted(Counter(ops[k] for k in keep).items())),

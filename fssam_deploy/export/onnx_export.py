@@ -16,7 +16,7 @@ from .specs import STAGE_SPECS, StageSpec, stage_module
 
 MANIFEST = "manifest.json"
 STANDARD_DOMAINS = {"", "ai.onnx"}
-PRECISIONS = ("fp32", "fp16")  # fp16: fp16 graphs with fp32 islands and float32 inputs/outputs (export/fp16.py)
+PRECISIONS = ("fp32", "fp16", "bf16")  # half graphs with fp32 islands, float32 inputs/outputs (export/fp16.py, bf16.py)
 
 
 def export_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int,
@@ -36,6 +36,11 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, pat
         from .fp16 import to_fp16
 
         entry.update(to_fp16(path, {k: v.numpy() for k, v in example.items()}))
+    elif precision == "bf16":
+        from .bf16 import to_bf16
+
+        entry.update(to_bf16(path))
+    if precision != "fp32":
         entry["nodes"] = len(onnx.load(str(path), load_external_data=False).graph.node)
     check_graph(path)
     return {**entry, "inputs": io_entries(spec.inputs, cfg, dynamic, shots),
@@ -84,7 +89,8 @@ def export_onnx(cfg: FSSAMConfig, out_dir: str | Path, checkpoint=None, seed: in
                 progress: bool = True) -> Path:
     """Write one ONNX graph per stage and `manifest.json` into `out_dir` (replaced atomically).
 
-    precision "fp16": fp16 graphs with fp32 islands (`export.fp16`); graph inputs and outputs stay float32.
+    precision "fp16" / "bf16": half graphs with fp32 islands (`export.fp16`, `export.bf16`); graph inputs and
+    outputs stay float32. bf16 graphs are for TensorRT (ONNX Runtime's CPU provider runs them only emulated).
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: choose from {list(PRECISIONS)}")
@@ -124,10 +130,10 @@ def build_manifest(cfg, entries, opset, batch, precision, checkpoint, seed) -> d
     import onnx
 
     versions = {"torch": torch.__version__, "onnx": onnx.__version__}
-    if precision == "fp16":
+    if precision in ("fp16", "bf16"):
         import onnxruntime
 
-        versions["onnxruntime"] = onnxruntime.__version__  # its float16 converter wrote the graphs
+        versions["onnxruntime"] = onnxruntime.__version__  # its float16 converter placed the casts
     return {"format": "fssam-onnx/1", "config": cfg.to_dict(), "opset": opset, "batch": batch,
             "precision": precision, "shots": cfg.shots, "stages": entries,
             "weights": f"sha256:{file_sha256(checkpoint)}" if checkpoint else f"random:{seed}",

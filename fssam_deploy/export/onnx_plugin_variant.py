@@ -10,6 +10,12 @@ the form TensorRT's ONNX parser turns into the plugin `fssam::CalibratedAttentio
 its ahead-of-time kernel). The op is registered as an ONNX schema, so `onnx.checker` checks the
 node too. ONNX Runtime cannot run these graphs: they are for TensorRT only, next to the standard
 graphs of `export_onnx` in the same folder (`<stage>.plugin.onnx` + `plugin_variants.json`).
+
+In a folder of fp16 / bf16 graphs the variants are converted the same way (`export.fp16`,
+`export.bf16`): the custom node takes and gives half tensors (the kernel keeps the min-max
+normalisation and the softmax in fp32 registers), the standard ops around it get the same fp32
+islands; fp16 ranges are measured with onnx's reference evaluator running the node as the PyTorch
+reference (`reference_op`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .tensorrt_manifest import PLUGIN_MANIFEST
 CUSTOM_NODE = (PLUGIN_NAMESPACE, PLUGIN_NAME)
 VARIANT_SUFFIX = ".plugin.onnx"
 VARIANT_FORMAT = "fssam-onnx-plugin/1"
+VARIANT_PRECISIONS = ("fp32", "fp16", "bf16")  # the folder's; int8 graphs are for ONNX Runtime
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -115,9 +122,37 @@ def check_variant_graph(path: str | Path, expected: int) -> None:
                               f"{PARSER_ATTRS} = {want}")
 
 
+def reference_op():
+    """onnx.reference implementation of `fssam::CalibratedAttention`: the PyTorch reference of the kernel."""
+    import numpy as np
+    from onnx.reference.op_run import OpRun
+
+    from ..kernels.reference import calibrated_attention_reference
+
+    def _run(self, q, k, v, c, n_sup=None, n_qry=None, plugin_namespace=None, aot=None):
+        args = (torch.from_numpy(np.asarray(x, np.float32)) for x in (q, k, v, c))
+        return (calibrated_attention_reference(*args, int(n_sup), int(n_qry)).numpy().astype(q.dtype),)
+
+    return type(PLUGIN_NAME, (OpRun,), {"op_domain": PLUGIN_NAMESPACE, "_run": _run})
+
+
+def convert_variant(path: Path, precision: str, feeds: dict) -> dict:
+    """Rewrite the fp32 variant at `path` in `precision` like the folder's standard graphs; -> manifest fields."""
+    if precision == "fp16":
+        from .fp16 import to_fp16
+
+        return to_fp16(path, {k: v.numpy() for k, v in feeds.items()}, custom_ops=(reference_op(),))
+    if precision == "bf16":
+        from .bf16 import to_bf16
+
+        return to_bf16(path)
+    return {}
+
+
 def export_plugin_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, path: Path, opset: int,
-                        dynamic: bool) -> dict:
-    """Export one stage (built with attention_backend='op') with custom nodes; returns its manifest entry."""
+                        dynamic: bool, precision: str = "fp32") -> dict:
+    """Export one stage (built with attention_backend='op') with custom nodes, in `precision`; returns its
+    manifest entry."""
     import onnx
     import onnxslim
 
@@ -130,9 +165,11 @@ def export_plugin_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConf
                           input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=dyn,
                           custom_translation_table=table, optimize=True, verbose=False)
     onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    converted = convert_variant(path, precision, example)
     expected = expected_custom_nodes(module)
     check_variant_graph(path, expected)
-    return {"file": path.name, "custom_nodes": expected, "inputs": io_entries(spec.inputs, cfg, dynamic, cfg.shots),
+    return {"file": path.name, "custom_nodes": expected, "precision": precision, **converted,
+            "inputs": io_entries(spec.inputs, cfg, dynamic, cfg.shots),
             "outputs": io_entries(spec.outputs, cfg, dynamic, cfg.shots), "sha256": file_sha256(path)}
 
 
@@ -142,9 +179,9 @@ def export_plugin_variants(cfg: FSSAMConfig, onnx_dir: str | Path, checkpoint=No
     """
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir, expect=cfg)
-    if manifest["precision"] != "fp32":
-        raise ConfigError(f"{onnx_dir}: graphs of precision {manifest['precision']!r}; plugin variants are exported "
-                          "in fp32 only so far: build the TensorRT engines without the plugin (--no-plugin)")
+    if manifest["precision"] not in VARIANT_PRECISIONS:
+        raise ConfigError(f"{onnx_dir}: graphs of precision {manifest['precision']!r}; plugin variants are for "
+                          f"TensorRT graphs {list(VARIANT_PRECISIONS)}: export those, or build with --no-plugin")
     wid = weights_id(checkpoint, seed)
     if manifest["weights"] != wid:
         raise ConfigError(f"{onnx_dir}: graphs exported from weights {manifest['weights']}, the plugin variants "
@@ -161,10 +198,11 @@ def export_plugin_variants(cfg: FSSAMConfig, onnx_dir: str | Path, checkpoint=No
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=onnx_dir) as work:  # the exporter's side files
             entries[name] = export_plugin_stage(stage_module(module_set, name), STAGE_SPECS[name], cfg,
                                                 Path(work) / path.name, manifest["opset"],
-                                                manifest["batch"] == "dynamic")
+                                                manifest["batch"] == "dynamic", manifest["precision"])
             os.replace(Path(work) / path.name, path)
     doc = {"format": VARIANT_FORMAT, "plugin": PLUGIN_ID, "config": cfg.to_dict(), "weights": wid,
-           "opset": manifest["opset"], "batch": manifest["batch"], "stages": entries}
+           "opset": manifest["opset"], "batch": manifest["batch"], "precision": manifest["precision"],
+           "stages": entries}
     out = onnx_dir / PLUGIN_MANIFEST
     with tempfile.NamedTemporaryFile("w", dir=onnx_dir, prefix=f".{PLUGIN_MANIFEST}.", delete=False) as f:
         json.dump(doc, f, indent=2)
@@ -182,11 +220,12 @@ def read_plugin_variants(onnx_dir: str | Path) -> dict:
                           "checkpoint, seed) with the graphs' checkpoint / seed), or build with --no-plugin")
     doc = json.loads(path.read_text())
     manifest = read_manifest(onnx_dir)
-    same = doc.get("format") == VARIANT_FORMAT and (doc["weights"], doc["config"]) == (manifest["weights"],
-                                                                                      manifest["config"])
+    ours = (doc.get("weights"), doc.get("config"), doc.get("precision", "fp32"))
+    same = doc.get("format") == VARIANT_FORMAT and ours == (manifest["weights"], manifest["config"],
+                                                            manifest["precision"])
     if not same:
-        raise EngineError(f"{path}: plugin variants of other graphs (weights {doc.get('weights')} vs "
-                          f"{manifest['weights']}, or another config); export them again")
+        raise EngineError(f"{path}: plugin variants of other graphs (weights {ours[0]} vs {manifest['weights']}, "
+                          f"precision {ours[2]} vs {manifest['precision']}, or another config); export them again")
     for name, entry in doc["stages"].items():
         if not (onnx_dir / entry["file"]).is_file():
             raise EngineError(f"{onnx_dir / entry['file']}: plugin variant of stage {name!r} is missing; export again")

@@ -41,12 +41,14 @@ def split(arrays: dict[str, np.ndarray], step: int | None) -> list[dict[str, np.
 
 
 def compare_graph(path: str | Path, feed: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                  atol: dict[str, float], providers: list[str] | None = None) -> tuple[dict[str, OutputErrors], float]:
+                  atol: dict[str, float], providers: list[str] | None = None,
+                  model: bytes | str | None = None) -> tuple[dict[str, OutputErrors], float]:
     """Run the graph at `path` on `feed` with Polygraphy's OnnxrtRunner (after one warm-up run), compare with
     `reference` (PyTorch's outputs on the same feed) by Comparator.compare_accuracy with max |error| <= atol
     per output; -> ({output: errors}, onnxruntime seconds summed over the iterations).
 
     A feed whose batch exceeds the graph's static batch runs as several iterations of that batch.
+    `model`: what ONNX Runtime loads instead of `path` (a serialized rewrite of it, e.g. a bf16 emulation).
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
@@ -59,7 +61,7 @@ def compare_graph(path: str | Path, feed: dict[str, np.ndarray], reference: dict
     feeds = split({k: feed[k] for k in names}, step)
     refs = split(reference, step)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # verdicts go to the report, not the log
-        runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=RUNNER)
+        runner = OnnxrtRunner(SessionFromOnnx(model or str(path), providers=providers or ["cpu"]), name=RUNNER)
         results = RunResults()
         results.add(refs, runner_name=REFERENCE)
         for name, iterations in Comparator.run([runner], data_loader=feeds, warm_up=1).items():

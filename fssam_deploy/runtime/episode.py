@@ -154,16 +154,22 @@ class OnnxEpisode(Episode):
 
     `expect`: refuse graphs exported for another config. `device`: where tensors live ("cuda"
     uses the CUDA / TensorRT execution providers when installed). `threads`: intra-op threads.
+    `emulate_bf16`: run bf16 graphs (made for TensorRT) as their fp32 emulation, for accuracy checks.
     """
 
     def __init__(self, engine_dir: str | Path, expect: FSSAMConfig | None = None, device="cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, emulate_bf16: bool = False):
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir, expect)
+        precision = self.manifest.get("precision", "fp32")
+        if precision == "bf16" and not emulate_bf16:
+            raise EngineError(f"{self.engine_dir}: bf16 graphs are for TensorRT (`fssam build --format tensorrt "
+                              "--precision bf16`); ONNX Runtime has no bf16 CPU kernels. Check their accuracy with "
+                              "`fssam verify` (it runs them emulated); export fp32 or fp16 graphs for ONNX Runtime")
         cfg = FSSAMConfig.from_dict(self.manifest["config"])
         runners = {}
         for name, spec in STAGE_SPECS.items():
             shape_fn = lambda b, spec=spec: {t.name: t.concrete(cfg, b, cfg.shots) for t in spec.outputs}  # noqa: E731
             runners[name] = OnnxRuntimeRunner(self.engine_dir / self.manifest["stages"][name]["file"], spec,
-                                              shape_fn, device, threads)
+                                              shape_fn, device, threads, precision)
         super().__init__(runners, cfg, device)

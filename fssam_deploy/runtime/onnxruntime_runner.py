@@ -23,14 +23,19 @@ def available_providers(device: torch.device) -> list[str]:
 
 
 class OnnxRuntimeRunner(Runner):
-    """One stage graph. `infer` binds torch tensors as inputs and preallocated torch outputs."""
+    """One stage graph. `infer` binds torch tensors as inputs and preallocated torch outputs.
 
-    def __init__(self, path: str | Path, spec, output_shape_fn, device="cpu", threads: int | None = None):
+    `precision`: the graph folder's; a bf16 graph runs as its fp32 emulation (`export.bf16.emulate_bf16`).
+    """
+
+    def __init__(self, path: str | Path, spec, output_shape_fn, device="cpu", threads: int | None = None,
+                 precision: str = "fp32"):
         super().__init__()
         self.path, self.spec, self.name = Path(path), spec, f"onnxruntime:{spec.name}"
         self.device = torch.device(device)
         self.output_shape_fn = output_shape_fn  # batch -> {output name: shape}
         self.threads = threads
+        self.precision = precision
         self.session = None
 
     def activate_impl(self) -> None:
@@ -45,7 +50,10 @@ class OnnxRuntimeRunner(Runner):
         # no busy-waiting worker threads between runs: they would steal the cores from the
         # other stages (and from PyTorch in side-by-side measurements)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=available_providers(self.device))
+        from ..export.bf16 import ort_model
+
+        self.session = ort.InferenceSession(ort_model(self.path, self.precision), opts,
+                                            providers=available_providers(self.device))
         self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
                              for i in self.session.get_inputs()}
         self.prunable_inputs = frozenset(self.spec.input_names) - set(self.input_shapes)

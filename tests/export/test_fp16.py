@@ -85,6 +85,46 @@ def test_converted_graph_is_fp16_inside_float32_outside(tmp_path):
     np.testing.assert_allclose(run(half, feeds)[0], ref, atol=5e-3, rtol=0)
 
 
+def test_what_only_feeds_a_discrete_choice_stays_fp32():
+    """tokens -> masks (fp16) and tokens -> IoU head -> ArgMax (fp32: a near-tie must not flip the chosen mask)."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["tokens"], name="trunk"),
+             helper.make_node("MatMul", ["tokens", "w"], ["masks"], name="masks"),
+             helper.make_node("Gemm", ["tokens", "w"], ["h"], name="iou_fc"),
+             helper.make_node("Sigmoid", ["h"], ["scores"], name="iou_sigmoid"),
+             helper.make_node("ArgMax", ["scores"], ["best"], axis=-1, keepdims=0, name="pick")]
+    graph = helper.make_graph(nodes, "decide", [helper.make_tensor_value_info("x", f, [2, 4])],
+                              [helper.make_tensor_value_info("masks", f, [2, 4]),
+                               helper.make_tensor_value_info("best", TensorProto.INT64, [2])],
+                              [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    keep = fp32_islands(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert keep == {"pick": "decision", "iou_sigmoid": "decision", "iou_fc": "decision"}  # not the shared trunk
+
+
+def test_what_only_fp32_nodes_read_is_computed_in_fp32():
+    """sigmoid(m) * 20 - 10 feeding only a kept node joins it; a MatMul feeding only a softmax stays half."""
+    from fssam_deploy.export.fp16 import fp32_readers_only
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
+             helper.make_node("Mul", ["s", "twenty"], ["s20"], name="scale"),
+             helper.make_node("Add", ["s20", "minus10"], ["x"], name="bias"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+             helper.make_node("MatMul", ["q", "q"], ["logits"], name="qk"),
+             helper.make_node("Softmax", ["logits"], ["p"], name="softmax")]
+    inits = [numpy_helper.from_array(np.array(20.0, np.float32), "twenty"),
+             numpy_helper.from_array(np.array(-10.0, np.float32), "minus10"),
+             numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")]
+    graph = helper.make_graph(nodes, "readers", [helper.make_tensor_value_info("m", f, [1, 1, 4, 4]),
+                                                 helper.make_tensor_value_info("q", f, [4, 4])],
+                              [helper.make_tensor_value_info("y", f, [1, 1, 4, 4]),
+                               helper.make_tensor_value_info("p", f, [4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    keep = fp32_readers_only(model, {"conv": "schema", "softmax": "op"})
+    assert keep == {"conv": "schema", "softmax": "op", "bias": "feeds-fp32", "scale": "feeds-fp32",
+                    "sig": "feeds-fp32"}
+
+
 def overflow_graph() -> onnx.ModelProto:
     """x * 1e3 * 1e3 * 1e-6: the middle tensor (~1e7) is beyond fp16 (65504); the output is x again."""
     f = TensorProto.FLOAT
@@ -159,7 +199,41 @@ def test_fp16_stages_match_torch(fp16_dir, tiny_cfg):
             assert np.isfinite(g).all() and err <= 5e-3, (name, out, err)  # measured ~5e-4 (fp16: 2^-11 = 4.9e-4)
 
 
+def test_fp16_plugin_variant_runs_true_fp16_next_to_its_kernel(tiny_cfg, tmp_path):
+    """The decoder with one fssam::CalibratedAttention node per layer, in fp16 (ranges measured by onnx's
+    reference evaluator running the node as the PyTorch reference), evaluated op by op in fp16."""
+    from fssam_deploy.export.onnx_plugin_variant import CUSTOM_NODE, custom_nodes, export_plugin_stage, reference_op
+    from fssam_deploy.export.trt_ops import type_violations, unsupported_trt_ops
+    from fssam_deploy.kernels import op  # noqa: F401  (registers torch.ops.fssam.calibrated_attention)
+
+    weights = random_weights(tiny_cfg, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = stage_module(build_stages(weights, attention_backend="op"), "decoder")
+        path = tmp_path / "decoder.plugin.onnx"
+        entry = export_plugin_stage(module, STAGE_SPECS["decoder"], tiny_cfg, path, 18, True, "fp16")
+        plain = stage_module(build_stages(weights, attention_backend="torch"), "decoder")
+    assert entry["precision"] == "fp16" and entry["custom_nodes"] == 4 and entry["fp16_nodes"] > entry["fp32_nodes"]
+    model = onnx.load(str(path))
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for node in custom_nodes(model):  # q, k, v, c and out in fp16: the kernel reads them so
+        assert {types[t] for t in (*node.input, *node.output)} == {TensorProto.FLOAT16}
+    custom = frozenset({CUSTOM_NODE})
+    assert unsupported_trt_ops(path, custom) == [] and type_violations(path, custom) == []
+    feed = STAGE_SPECS["decoder"].dummy_inputs(tiny_cfg, 1, tiny_cfg.shots, seed=3)
+    from onnx.reference import ReferenceEvaluator
+
+    names = {i.name for i in model.graph.input}
+    got = ReferenceEvaluator(model, new_ops=[reference_op()]).run(None, {k: v.numpy() for k, v in feed.items()
+                                                                          if k in names})[0]
+    with torch.inference_mode():
+        ref = plain(*feed.values())
+    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert np.isfinite(got).all() and err <= 5e-3, err  # measured 1.5e-3
+
+
 def test_unknown_precision(tiny_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"precision 'int8': choose from \['fp32', 'fp16'\]"):
+    with pytest.raises(ConfigError, match=r"precision 'int8': choose from \['fp32', 'fp16', 'bf16'\]"):
         export_onnx(tiny_cfg, tmp_path / "g", precision="int8")
     assert not list(tmp_path.iterdir())

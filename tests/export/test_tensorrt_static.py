@@ -55,6 +55,7 @@ from fssam_deploy.export.trt_ops import (
     initializer_violations,
     supported_trt_ops,
     trt_op_table,
+    type_violations,
     unsupported_trt_ops,
 )
 from fssam_deploy.kernels import tensorrt_plugin as tp
@@ -132,7 +133,7 @@ def test_exported_graphs_use_only_parser_ops(graphs):
     for name, entry in manifest["stages"].items():
         path = graphs / entry["file"]
         assert unsupported_trt_ops(path) == [], name
-        assert initializer_violations(path) == [], name
+        assert initializer_violations(path) == [] and type_violations(path) == [], name
 
 
 def test_exported_fp16_graphs_use_only_parser_ops(tmp_path, tiny_cfg):
@@ -142,6 +143,7 @@ def test_exported_fp16_graphs_use_only_parser_ops(tmp_path, tiny_cfg):
     for name, entry in manifest["stages"].items():
         path = out / entry["file"]
         assert unsupported_trt_ops(path) == [] and initializer_violations(path) == [], name
+        assert type_violations(path) == [], name
 
 
 # ------------------------------------------------------------------------------ the plugin variant
@@ -169,6 +171,7 @@ def test_plugin_variant_has_one_custom_node_per_calibrated_attention(graphs, op_
     assert count(model, "Softmax") == count(standard, "Softmax") - layers
     # nothing else is custom: no ATen fallback, no local function, every other op on the parser's list
     assert not model.functions and unsupported_trt_ops(graphs / entry["file"], frozenset({CUSTOM_NODE})) == []
+    assert type_violations(graphs / entry["file"], frozenset({CUSTOM_NODE})) == []
     n = tiny_cfg.feat_size**2
     for node in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -185,19 +188,28 @@ def test_onnxruntime_cannot_run_the_plugin_variant(graphs):
         ort.InferenceSession(str(graphs / "decoder.plugin.onnx"), providers=["CPUExecutionProvider"])
 
 
-def test_plugin_variants_refuse_other_weights_and_fp16_graphs(graphs, tiny_cfg, tmp_path):
+def test_plugin_variants_refuse_other_weights_int8_graphs_and_other_precisions(graphs, tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="weights random:0.*random:1"):
         export_plugin_variants(tiny_cfg, graphs, seed=1)
-    fp16 = tmp_path / "fp16"
-    fp16.mkdir()
     manifest = json.loads((graphs / "manifest.json").read_text())
-    for entry in manifest["stages"].values():
-        (fp16 / entry["file"]).symlink_to(graphs / entry["file"])
-    (fp16 / "manifest.json").write_text(json.dumps({**manifest, "precision": "fp16"}))
-    with pytest.raises(ConfigError, match="fp32 only"):
-        export_plugin_variants(tiny_cfg, fp16, seed=0)
+
+    def relabelled(precision):  # the same files under a manifest that claims another precision
+        d = tmp_path / precision
+        d.mkdir()
+        for f in graphs.iterdir():
+            if f.name != "manifest.json":
+                (d / f.name).symlink_to(f)
+        (d / "manifest.json").write_text(json.dumps({**manifest, "precision": precision}))
+        return d
+
+    with pytest.raises(ConfigError, match=r"precision 'int8'.*TensorRT graphs \['fp32', 'fp16', 'bf16'\]"):
+        export_plugin_variants(tiny_cfg, relabelled("int8"), seed=0)
+    with pytest.raises(EngineError, match="precision fp32 vs fp16.*export them again"):
+        read_plugin_variants(relabelled("fp16"))  # fp32 variants beside fp16 graphs
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="no plugin variants.*--no-plugin"):
-        read_plugin_variants(fp16)
+        read_plugin_variants(tmp_path / "empty")
 
 
 # ------------------------------------------------------------------------------------- profiles
