@@ -4,8 +4,8 @@ TensorRT 11 has no weak typing: a bf16 engine is parsed from a graph whose tenso
 graphs here keep the fp16 export's fp32 islands (`export.fp16.fp32_islands`: LayerNorm, the
 min-max normalisations, softmax and the glue between them) but no range islands: bf16 has fp32's
 exponent range. Ops whose ONNX schema allows no bf16 at the graph's opset (at 18: Conv, ConvTranspose,
-Resize, Einsum, Sin, Cos)
-stay fp32 too, and so does what only fp32 nodes read (`export.fp16.fp32_readers_only`).
+Resize, Einsum, Sin, Cos) stay fp32 too, and so does what only fp32 nodes read
+(`export.fp16.fp32_readers_only`).
 onnxruntime's float16 converter places the casts; then every float16 type becomes
 bfloat16 and every converted weight is rounded (to nearest even) from its fp32 value, so the
 converter's fp16 clamping never reaches a bf16 weight. Graph inputs and outputs stay float32.
@@ -73,7 +73,7 @@ def retype_bf16(half, fp32_model):
 
 def no_bf16_schema(model) -> set[str]:
     """Names of the nodes whose ONNX schema (at the graph's opset) takes no bfloat16 float inputs, e.g.
-    Einsum before opset 22: they stay fp32, or the graph would not be valid ONNX."""
+    Conv or Einsum at opset 18: they stay fp32, or the graph would not be valid ONNX."""
     import onnx
 
     opset = {i.domain: i.version for i in model.opset_import}
