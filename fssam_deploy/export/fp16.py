@@ -60,16 +60,22 @@ def name_nodes(model) -> None:
         seen.add(node.name)
 
 
-def fp32_islands(model, tail: int = TAIL) -> dict[str, str]:
-    """{node name: "op" | "island"} for the sensitive ops and the glue between and right after them."""
-    nodes = list(model.graph.node)
+def node_links(nodes) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({node: the nodes that read its outputs}, {node: the nodes whose outputs it reads}), by node name."""
     producer = {o: n.name for n in nodes for o in n.output if o}
     consumers = defaultdict(list)
     for n in nodes:
         for i in n.input:
             if i in producer:
                 consumers[producer[i]].append(n.name)
-    parents = {n.name: [producer[i] for i in n.input if i in producer] for n in nodes}
+    return consumers, {n.name: [producer[i] for i in n.input if i in producer] for n in nodes}
+
+
+def fp32_islands(model, tail: int = TAIL) -> dict[str, str]:
+    """{node name: "op" | "island" | "decision"} for the sensitive ops, the glue between and right after them,
+    and what only feeds a discrete choice."""
+    nodes = list(model.graph.node)
+    consumers, parents = node_links(nodes)
     op = {n.name: n.op_type for n in nodes}
     anchors = [n.name for n in nodes if n.op_type in SENSITIVE_OPS]
 
@@ -110,12 +116,7 @@ def fp32_readers_only(model, keep: dict[str, str]) -> dict[str, str]:
     outputs, not HEAVY_OPS: a product feeding a softmax stays half), walking the topologically sorted graph
     backwards so chains of them close in one pass."""
     nodes = list(model.graph.node)
-    producer = {o: n.name for n in nodes for o in n.output if o}
-    readers = defaultdict(set)
-    for n in nodes:
-        for i in n.input:
-            if i in producer:
-                readers[producer[i]].add(n.name)
+    readers = node_links(nodes)[0]
     floats = {v.name for v in float_tensors(model)}
     outputs = {o.name for o in model.graph.output}
     out = dict(keep)
@@ -123,7 +124,7 @@ def fp32_readers_only(model, keep: dict[str, str]) -> dict[str, str]:
         if n.name in out or n.op_type in HEAVY_OPS or not floats.intersection(n.output) \
                 or outputs.intersection(n.output):
             continue
-        if readers[n.name] and readers[n.name] <= out.keys():
+        if readers[n.name] and all(r in out for r in readers[n.name]):
             out[n.name] = "feeds-fp32"
     return out
 
