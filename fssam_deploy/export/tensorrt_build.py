@@ -5,10 +5,12 @@ with every input's min/opt/max], load_timing_cache=..., memory_pool_limits=...)`
 `EngineFromNetwork(..., save_timing_cache=...)` -> `SaveEngine`. Profiles come from the ONNX
 manifest's input shapes and the episode batch range (`tensorrt_manifest.stage_profile`).
 
-Precision: TensorRT 11 has no weak typing (`BuilderFlag.FP16` is gone), so fp16 / bf16 engines
-are strongly typed networks parsed from fp16 / bf16 graphs. On TensorRT 10, fp32 graphs may
-instead be built with the weak-typing flags; `typing_plan` decides from what the installed
-module offers. fp32 engines keep TF32 off (Polygraphy's default), for parity with PyTorch fp32.
+Precision: every engine is a strongly typed network, its types those of the graph it is parsed from:
+fp16 / bf16 engines come from `fssam export --precision fp16 / bf16` graphs, on TensorRT 10 and 11
+alike. TensorRT 11 has no weak typing (`BuilderFlag.FP16` is gone), and on TensorRT 10 weak typing
+would let the builder run LayerNorm, the min-max normalisations and softmax in half precision,
+which the half graphs keep in fp32. fp32 engines keep TF32 off (Polygraphy's default), for parity
+with PyTorch fp32.
 
 With `plugin=True` a stage that has a plugin variant (`export.onnx_plugin_variant`) is built from
 it: its calibrated attention is the AOT plugin `fssam::CalibratedAttention`, registered here.
@@ -38,35 +40,36 @@ from .tensorrt_manifest import (
 )
 from .trt_ops import check_trt_ops
 
+AOT_PLUGIN_MIN = (10, 9)  # tensorrt.plugin's aot_impl: engines that run the Triton kernel without Python
+
 
 def trt_features() -> dict:
-    """What the installed TensorRT offers: version, weak-typing flags, AOT Python plugins."""
+    """The installed TensorRT's version and whether it builds ahead-of-time Python plugins."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError("building TensorRT engines needs TensorRT: pip install tensorrt "
                                       "(and polygraphy, in fssam-deploy[onnx])") from exc
-    return {"tensorrt": trt.__version__, "fp16_flag": hasattr(trt.BuilderFlag, "FP16"),
-            "bf16_flag": hasattr(trt.BuilderFlag, "BF16"), "aot_plugins": hasattr(trt, "QuickPluginCreationRequest")}
+    return {"tensorrt": trt.__version__, "aot_plugins": version_tuple(trt.__version__) >= AOT_PLUGIN_MIN}
 
 
-def typing_plan(precision: str, graph_precision: str, features: dict) -> dict:
-    """{"strongly_typed", "fp16", "bf16"} for engines of `precision` from graphs of `graph_precision`.
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "10.13.0.35"."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError as exc:
+        raise EngineError(f"cannot read the TensorRT version {version!r}") from exc
 
-    Same precision: a strongly typed network, the graph's types are the engine's. fp32 graphs to
-    fp16 / bf16 engines: weak typing, only where TensorRT still has the flag (10.x, not 11).
-    """
+
+def typing_plan(precision: str, graph_precision: str) -> dict:
+    """{"strongly_typed": True} for engines of `precision` from graphs of `graph_precision`; they must agree."""
     if graph_precision == precision:
-        return {"strongly_typed": True, "fp16": False, "bf16": False}
-    if graph_precision == "fp32" and precision in ("fp16", "bf16"):
-        if features[f"{precision}_flag"]:
-            return {"strongly_typed": False, "fp16": precision == "fp16", "bf16": precision == "bf16"}
-        raise EngineError(f"TensorRT {features['tensorrt']} has no weak typing (BuilderFlag.{precision.upper()} is "
-                          f"gone since TensorRT 11): {precision} engines need {precision} graphs; export them with "
-                          f"`fssam export --precision {precision}` and build from those")
-    raise EngineError(f"graphs exported in {graph_precision} cannot give {precision} engines; export "
-                      f"{precision} graphs (`fssam export --precision {precision}`) or build --precision "
-                      f"{graph_precision}")
+        return {"strongly_typed": True}
+    raise EngineError(f"graphs exported in {graph_precision} cannot give {precision} engines: engines are strongly "
+                      f"typed (TensorRT 11 has no weak typing, and on 10 it would run LayerNorm, the min-max "
+                      f"normalisations and softmax in half precision); export {precision} graphs (`fssam export "
+                      f"--precision {precision}`) or build --precision {graph_precision}")
 
 
 def build_stage(onnx_path: Path, engine_path: Path, profile: dict, plan: dict, timing_cache: str | None,
@@ -79,8 +82,7 @@ def build_stage(onnx_path: Path, engine_path: Path, profile: dict, plan: dict, t
     for name, shapes in profile.items():
         prof.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
     pools = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)} if workspace_gib else None
-    config = CreateConfig(profiles=[prof], load_timing_cache=timing_cache, memory_pool_limits=pools,
-                          fp16=plan["fp16"] or None, bf16=plan["bf16"] or None)
+    config = CreateConfig(profiles=[prof], load_timing_cache=timing_cache, memory_pool_limits=pools)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan["strongly_typed"])
     SaveEngine(EngineFromNetwork(network, config, save_timing_cache=timing_cache), str(engine_path))()
 
@@ -96,9 +98,13 @@ def _graph_for(name: str, onnx_dir: Path, manifest: dict, variants: dict | None)
     return path, entry, use_variant
 
 
-def _plugin_setup(onnx_dir: Path, plugin: bool) -> tuple[dict | None, str | None]:
+def _plugin_setup(onnx_dir: Path, plugin: bool, features: dict) -> tuple[dict | None, str | None]:
     if not plugin:
         return None, None
+    if not features["aot_plugins"]:
+        raise BackendUnavailableError(f"TensorRT {features['tensorrt']} has no ahead-of-time Python plugins (they "
+                                      f"need {'.'.join(map(str, AOT_PLUGIN_MIN))}+): upgrade TensorRT, or build the "
+                                      "standard-op graphs with --no-plugin")
     from ..kernels.tensorrt_plugin import kernel_source_sha256, register_plugin
     from .onnx_plugin_variant import read_plugin_variants
 
@@ -138,9 +144,10 @@ def build_tensorrt(onnx_dir: str | Path, out_dir: str | Path, precision: str = "
     if manifest["batch"] != "dynamic" and settings.batch != (1, 1, 1):
         raise ConfigError(f"{onnx_dir}: graphs have a static batch (exported with --batch 1); batch {settings.batch} "
                           "needs graphs exported with --batch dynamic")
-    plan = typing_plan(precision, manifest["precision"], trt_features())
+    plan = typing_plan(precision, manifest["precision"])
+    features = trt_features()
     platform = current_platform()
-    variants, kernel_sha = _plugin_setup(onnx_dir, plugin)
+    variants, kernel_sha = _plugin_setup(onnx_dir, plugin, features)
     key = timing_cache_key(platform, precision, kernel_sha)
     if settings.timing_cache:
         check_timing_cache(settings.timing_cache, key)

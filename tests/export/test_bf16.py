@@ -111,9 +111,8 @@ def test_type_violations_name_the_node_and_type(tmp_path):
     assert type_violations(path) == ["gs (GridSample): input `x` is BF16, the parser takes ['FP32', 'FP16']"]
 
 
-def test_strongly_typed_bf16_engines_on_tensorrt_11():
-    trt11 = {"tensorrt": "11.0", "fp16_flag": False, "bf16_flag": False}
-    assert typing_plan("bf16", "bf16", trt11) == {"strongly_typed": True, "fp16": False, "bf16": False}
+def test_bf16_engines_are_strongly_typed_from_bf16_graphs():
+    assert typing_plan("bf16", "bf16") == {"strongly_typed": True}
 
 
 @pytest.fixture(scope="module")

@@ -245,16 +245,21 @@ def test_runner_errors(engines, graphs, tiny_cfg, tmp_path):
 
 
 @needs_trt
-def test_fp16_engines(tmp_path, tiny_cfg):
+@pytest.mark.parametrize("precision,plugin", [("fp16", False), ("fp16", True), ("bf16", True)])
+def test_half_engines(tmp_path, tiny_cfg, precision, plugin):
     from fssam_deploy.export import onnx_export
+    from fssam_deploy.export.onnx_plugin_variant import export_plugin_variants
     from fssam_deploy.export.tensorrt_build import build_tensorrt
     from fssam_deploy.model import Pipeline, random_weights
     from fssam_deploy.runtime.tensorrt_episode import TrtEpisode
 
-    graphs = onnx_export.export_onnx(tiny_cfg, tmp_path / "g16", seed=0, batch="dynamic", precision="fp16",
+    graphs = onnx_export.export_onnx(tiny_cfg, tmp_path / "g", seed=0, batch="dynamic", precision=precision,
                                      progress=False)
-    engines = build_tensorrt(graphs, tmp_path / "e16", precision="fp16", batch=BATCH, plugin=False, progress=False)
-    assert json.loads((engines / "engines.json").read_text())["stages"]["decoder"]["strongly_typed"]
+    if plugin:
+        export_plugin_variants(tiny_cfg, graphs, seed=0)
+    engines = build_tensorrt(graphs, tmp_path / "e", precision=precision, batch=BATCH, plugin=plugin, progress=False)
+    decoder = json.loads((engines / "engines.json").read_text())["stages"]["decoder"]
+    assert decoder["strongly_typed"] and decoder["plugin"] == plugin
     q, sx, sy = (t.cuda() for t in make_episode(tiny_cfg, batch=2, seed=3))
     with TrtEpisode(engines, expect=tiny_cfg) as episode:
         got = episode.segment(q, sx, sy)

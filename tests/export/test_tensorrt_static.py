@@ -289,16 +289,25 @@ def test_build_settings_command_and_validation(tmp_path):
         BuildSettings("/g", "/e", precision="int4")
 
 
-def test_typing_plan_for_tensorrt_10_and_11():
-    trt10 = {"tensorrt": "10.13", "fp16_flag": True, "bf16_flag": True}
-    trt11 = {"tensorrt": "11.0", "fp16_flag": False, "bf16_flag": False}
-    strong = {"strongly_typed": True, "fp16": False, "bf16": False}
-    assert typing_plan("fp32", "fp32", trt11) == typing_plan("fp16", "fp16", trt11) == strong
-    assert typing_plan("fp16", "fp32", trt10) == {"strongly_typed": False, "fp16": True, "bf16": False}
-    with pytest.raises(EngineError, match="TensorRT 11.0 has no weak typing.*fssam export --precision bf16"):
-        typing_plan("bf16", "fp32", trt11)
+def test_engines_are_strongly_typed_from_graphs_of_their_precision(graphs, tmp_path, monkeypatch):
+    from fssam_deploy.export import tensorrt_build as tb
+
+    assert typing_plan("fp32", "fp32") == typing_plan("fp16", "fp16") == {"strongly_typed": True}
+    with pytest.raises(EngineError, match="graphs exported in fp32 cannot give fp16 engines.*on 10 it would run "
+                       "LayerNorm.*fssam export --precision fp16"):
+        typing_plan("fp16", "fp32")
     with pytest.raises(EngineError, match="graphs exported in fp16 cannot give fp32 engines"):
-        typing_plan("fp32", "fp16", trt10)
+        typing_plan("fp32", "fp16")
+    # checked before TensorRT is needed, and nothing is written
+    with pytest.raises(EngineError, match="graphs exported in fp32 cannot give bf16 engines"):
+        tb.build_tensorrt(graphs, tmp_path / "engines", precision="bf16", batch=(1, 2, 4))
+    assert not list(tmp_path.iterdir())
+    assert tb.version_tuple("10.13.0.35") == (10, 13) and tb.version_tuple("11.0") == (11, 0)
+    with pytest.raises(EngineError, match="cannot read the TensorRT version 'x'"):
+        tb.version_tuple("x")
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 10.8.0 has no ahead-of-time.*10.9\+.*--no-plugin"):
+        tb._plugin_setup(graphs, True, {"tensorrt": "10.8.0", "aot_plugins": False})
+    assert tb._plugin_setup(graphs, False, {"tensorrt": "10.8.0", "aot_plugins": False}) == (None, None)
 
 
 def test_timing_cache_key(tmp_path):
