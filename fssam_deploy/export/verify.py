@@ -14,6 +14,7 @@ from ..model import FSSAMConfig, build_stages, load_weights, random_weights
 from .onnx_export import MANIFEST, read_manifest
 from .polygraphy_compare import compare_graph
 from .specs import STAGE_SPECS, stage_module
+from .tensorrt_manifest import PLUGIN_MANIFEST
 
 STAGE_RTOL = 1e-4  # max abs error / output scale, fp32
 EPISODE_ATOL = 1e-3  # max abs logit error, fp32
@@ -125,6 +126,12 @@ def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 
     for name, spec in STAGE_SPECS.items():
         report.rows += verify_stage(engine_dir / manifest["stages"][name]["file"], spec, stage_module(stages, name),
                                     cfg, targets, batch, seed, reps, precision)
+    if (engine_dir / PLUGIN_MANIFEST).is_file():  # `fssam export --tensorrt-plugin`: the graphs TensorRT will get
+        from .onnx_plugin_variant import read_plugin_variants
+
+        for name, entry in read_plugin_variants(engine_dir)["stages"].items():
+            report.rows += verify_variant(engine_dir / entry["file"], STAGE_SPECS[name], stage_module(stages, name),
+                                          cfg, targets, batch, seed, precision)
     report.episode = verify_episode(engine_dir, cfg, weights, targets, batch, seed, reps)
     if raise_on_fail and not report.passed:
         raise AccuracyError(f"{engine_dir}: ONNX Runtime differs from PyTorch beyond tolerance:\n{report.table()}")
@@ -152,6 +159,46 @@ def verify_stage(path: Path, spec, module, cfg, targets: Targets, batch: int, se
                      "scale": scales[out], "rel": e.max_abs / scales[out], "tol": tols[out],
                      "target": targets.describe_stage(tols[out]), "ok": ok, "torch_ms": t_ms,
                      "ort_ms": seconds * 1e3})
+    return rows
+
+
+def verify_variant(path: Path, spec, module, cfg, targets: Targets, batch: int, seed: int,
+                   precision: str = "fp32") -> list[dict]:
+    """Rows for a TensorRT plugin variant (`<stage>.plugin.onnx`), which ONNX Runtime cannot run: onnx's reference
+    evaluator runs it, its custom nodes as the PyTorch reference of the fused kernel (`reference_op`) and every
+    other op in the graph's own type (fp16 for real, bf16 emulated)."""
+    import numpy as np
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from .bf16 import emulate_bf16
+    from .onnx_plugin_variant import reference_op, register_onnx_schema
+    from .polygraphy_compare import graph_inputs, split
+
+    register_onnx_schema()
+    model = onnx.load(str(path))
+    if precision == "bf16":
+        model = emulate_bf16(model)
+    evaluator = ReferenceEvaluator(model, new_ops=[reference_op()])
+    feed = spec.dummy_inputs(cfg, batch, cfg.shots, seed)
+    with torch.inference_mode():
+        ref, t_ms = _timed(lambda: module(*feed.values()), 1)
+    ref = dict(zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)))
+    names, step = graph_inputs(path)
+    t0 = time.perf_counter()
+    parts = [evaluator.run(spec.output_names, f) for f in split({k: feed[k].numpy() for k in names}, step)]
+    ms = (time.perf_counter() - t0) * 1e3
+    rows = []
+    for i, out in enumerate(spec.output_names):
+        got, want = np.concatenate([p[i] for p in parts]).astype(np.float32), ref[out].numpy()
+        scale = max(float(np.abs(want).max()), 1e-6)
+        diff = np.abs(got - want)
+        err = float(diff.max()) if np.isfinite(got).all() else math.nan
+        tol = None if targets.stage_rtol is None else spec_tolerance(spec.name, out)
+        rows.append({"stage": f"{spec.name} (TensorRT plugin variant, onnx reference evaluator)", "output": out,
+                     "max_abs": err, "max_rel": float((diff / np.maximum(np.abs(want), 1e-12)).max()),
+                     "scale": scale, "rel": err / scale, "tol": tol, "target": targets.describe_stage(tol),
+                     "ok": targets.stage_ok(err, tol is None or err <= tol * scale), "torch_ms": t_ms, "ort_ms": ms})
     return rows
 
 

@@ -19,7 +19,7 @@ from fssam_deploy.export.onnx_export import check_graph, export_onnx
 from fssam_deploy.export.specs import STAGE_SPECS
 from fssam_deploy.export.tensorrt_build import typing_plan
 from fssam_deploy.export.trt_ops import initializer_violations, type_violations, unsupported_trt_ops
-from fssam_deploy.export.verify import verify
+from fssam_deploy.export.verify import TARGETS, verify, verify_variant
 from fssam_deploy.runtime.episode import OnnxEpisode
 
 F, BF = TensorProto.FLOAT, TensorProto.BFLOAT16
@@ -155,14 +155,12 @@ def test_bf16_plugin_variant_beside_bf16_graphs(bf16_dir, tiny_cfg):
     """`fssam export --precision bf16 --tensorrt-plugin`: the custom node takes bf16, and the variant's emulation
     (the node run as the PyTorch reference) is as close to PyTorch as the standard bf16 decoder's."""
     import torch
-    from onnx.reference import ReferenceEvaluator
 
     from fssam_deploy.export.onnx_plugin_variant import (
         CUSTOM_NODE,
         custom_nodes,
         export_plugin_variants,
         read_plugin_variants,
-        reference_op,
     )
     from fssam_deploy.export.specs import stage_module
     from fssam_deploy.model import build_stages, random_weights
@@ -181,14 +179,12 @@ def test_bf16_plugin_variant_beside_bf16_graphs(bf16_dir, tiny_cfg):
     assert type_violations(path, frozenset({CUSTOM_NODE})) == []
 
     feed = STAGE_SPECS["decoder"].dummy_inputs(tiny_cfg, 1, tiny_cfg.shots, seed=3)
-    names = {i.name for i in model.graph.input}
-    feed_np = {k: v.numpy() for k, v in feed.items() if k in names}
-    variant = ReferenceEvaluator(emulate_bf16(model), new_ops=[reference_op()]).run(None, feed_np)[0]
-    standard = run(emulate_bf16(onnx.load(str(bf16_dir / "decoder.onnx"))), feed_np)[0]
     with torch.inference_mode():
-        ref = stage_module(build_stages(random_weights(tiny_cfg, 0), attention_backend="torch"), "decoder")(
-            *feed.values())
+        decoder = stage_module(build_stages(random_weights(tiny_cfg, 0), attention_backend="torch"), "decoder")
+        ref = decoder(*feed.values())
     ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-    scale = np.abs(ref).max()
-    err_variant, err_standard = np.abs(variant - ref).max() / scale, np.abs(standard - ref).max() / scale
-    assert err_variant <= 2 * err_standard + 1e-3 and err_variant < 0.03, (err_variant, err_standard)
+    standard = run(emulate_bf16(onnx.load(str(bf16_dir / "decoder.onnx"))),
+                   {k: v.numpy() for k, v in feed.items() if k in {i.name for i in model.graph.input}})[0]
+    err_standard = np.abs(standard - ref).max() / np.abs(ref).max()
+    (row,) = verify_variant(path, STAGE_SPECS["decoder"], decoder, tiny_cfg, TARGETS["bf16"], 1, 3, "bf16")
+    assert row["ok"] and row["rel"] <= 2 * err_standard + 1e-3 and row["rel"] < 0.03, (row["rel"], err_standard)

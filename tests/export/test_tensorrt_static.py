@@ -36,7 +36,7 @@ from fssam_deploy.export.onnx_plugin_variant import (
     plugin_stage_names,
     read_plugin_variants,
 )
-from fssam_deploy.export.specs import STAGE_SPECS
+from fssam_deploy.export.specs import STAGE_SPECS, stage_module
 from fssam_deploy.export.tensorrt_build import typing_plan
 from fssam_deploy.export.tensorrt_manifest import (
     ENGINE_MANIFEST,
@@ -179,6 +179,17 @@ def test_plugin_variant_has_one_custom_node_per_calibrated_attention(graphs, op_
         q, k, v, c = (_shape(model, i) for i in node.input)
         assert tp.output_shape(q, k, v, c, n, n) == q == _shape(model, node.output[0])
         assert q[1:] == (1, n, 256) and k[2] == 2 * n + 8  # 1-shot: support, query frames and 8 pointer tokens
+
+
+def test_verify_runs_the_plugin_variant_with_the_kernels_reference(graphs, tiny_cfg):
+    from fssam_deploy.export.verify import TARGETS, verify_variant
+
+    spec, path = STAGE_SPECS["decoder"], graphs / "decoder.plugin.onnx"
+    stages = {s: build_stages(random_weights(tiny_cfg, s), attention_backend="torch") for s in (0, 1)}
+    (row,) = verify_variant(path, spec, stage_module(stages[0], "decoder"), tiny_cfg, TARGETS["fp32"], 2, 3)
+    assert row["ok"] and row["rel"] < 1e-5 and "plugin variant" in row["stage"]
+    (other,) = verify_variant(path, spec, stage_module(stages[1], "decoder"), tiny_cfg, TARGETS["fp32"], 2, 3)
+    assert not other["ok"]  # other weights: the comparison can fail
 
 
 def test_onnxruntime_cannot_run_the_plugin_variant(graphs):
