@@ -8,7 +8,6 @@ whose packages cannot be trusted here, with an `EngineError` that says to rebuil
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from ..errors import EngineError
 from ..model.checkpoint import file_sha256
 from ..model.config import FSSAMConfig
-from .artifacts import checked_artifact, cpu_name
+from .artifacts import checked_artifact, config_diff, cpu_name, read_json_manifest
 
 MANIFEST = "manifest.json"
 AOTI_FORMAT = "fssam-aoti/1"
@@ -57,10 +56,8 @@ def build_manifest(cfg: FSSAMConfig, entries: dict, device: dict, batch: int, we
 
 
 def _check_config(path: Path, manifest: dict, expect: FSSAMConfig) -> None:
-    want = expect.to_dict()
-    if manifest["config"] != want:
-        diff = {k: (manifest["config"].get(k), want.get(k)) for k in sorted(set(want) | set(manifest["config"]))
-                if manifest["config"].get(k) != want.get(k)}
+    if manifest["config"] != expect.to_dict():
+        diff = config_diff(manifest["config"], expect.to_dict())
         raise EngineError(f"{path}: packages built for another config (package vs requested: {diff}); "
                           f"{REBUILD} and this config")
 
@@ -96,14 +93,8 @@ def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | Non
     """
     package_dir = Path(package_dir)
     path = package_dir / MANIFEST
-    if not path.is_file():
-        raise EngineError(f"{path}: no manifest, not an AOTInductor package folder; {REBUILD} --out {package_dir}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EngineError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from exc
-    if manifest.get("format") != AOTI_FORMAT:
-        raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {AOTI_FORMAT!r}; {REBUILD}")
+    manifest = read_json_manifest(path, AOTI_FORMAT, f"no manifest, not an AOTInductor package folder; {REBUILD} "
+                                  f"--out {package_dir}", REBUILD)
     if expect_config is not None:
         _check_config(path, manifest, expect_config)
     built_torch = manifest["versions"]["torch"]

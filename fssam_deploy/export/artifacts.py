@@ -1,8 +1,9 @@
-"""Helpers every artifact writer shares: atomic output folders and the host's CPU name."""
+"""Helpers every artifact writer and reader shares: atomic output folders, manifest reading, the host's CPU name."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
 import tempfile
@@ -31,6 +32,25 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json_manifest(path: Path, fmt: str, missing: str, rebuild: str) -> dict:
+    """The manifest at `path`, refused (EngineError naming the file) when absent (`missing`: what to do), not JSON
+    or of another format than `fmt` (`rebuild`: the command that writes a good one)."""
+    if not path.is_file():
+        raise EngineError(f"{path}: {missing}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"{path}: unreadable manifest ({exc}); {rebuild}") from exc
+    if manifest.get("format") != fmt:
+        raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {fmt!r}; {rebuild}")
+    return manifest
+
+
+def config_diff(built: dict, wanted: dict) -> dict:
+    """{field: (built value, wanted value)} for every config field that differs (missing fields count)."""
+    return {k: (built.get(k), wanted.get(k)) for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k)}
 
 
 def cpu_name() -> str:

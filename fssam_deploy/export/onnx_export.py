@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError, EngineError
 from ..model import FSSAMConfig, build_stages, load_weights, random_weights
 from ..model.checkpoint import file_sha256
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, config_diff
 from .specs import STAGE_SPECS, StageSpec, stage_module
 
 MANIFEST = "manifest.json"
@@ -148,7 +148,7 @@ def read_manifest(engine_dir: str | Path, expect: FSSAMConfig | None = None) -> 
         raise EngineError(f"{path}: no manifest; export the graphs with `fssam export --out {engine_dir}`")
     manifest = json.loads(path.read_text())
     if expect is not None and manifest["config"] != expect.to_dict():
-        diff = {k: (v, expect.to_dict()[k]) for k, v in manifest["config"].items() if expect.to_dict().get(k) != v}
+        diff = config_diff(manifest["config"], expect.to_dict())
         raise EngineError(f"{path}: exported for another config (manifest vs requested: {diff}); re-export")
     for name, entry in manifest["stages"].items():
         f = engine_dir / entry["file"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, EngineError
 from ..model.config import FSSAMConfig
-from .artifacts import checked_artifact
+from .artifacts import checked_artifact, config_diff, read_json_manifest
 from .specs import IMAGE_INPUTS, StageSpec
 
 ENGINE_MANIFEST = "engines.json"
@@ -224,19 +224,10 @@ def read_trt_manifest(engine_dir: str | Path, expect_config: FSSAMConfig | None 
     """
     engine_dir = Path(engine_dir)
     path = engine_dir / ENGINE_MANIFEST
-    if not path.is_file():
-        raise EngineError(f"{path}: no engine manifest; build engines with `fssam build --format tensorrt "
-                          f"--onnx-dir GRAPHS --out {engine_dir}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EngineError(f"{path}: unreadable engine manifest ({exc}); rebuild the engines") from exc
-    if manifest.get("format") != TRT_FORMAT:
-        raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {TRT_FORMAT!r}; rebuild the engines")
+    manifest = read_json_manifest(path, TRT_FORMAT, "no engine manifest; build engines with `fssam build --format "
+                                  f"tensorrt --onnx-dir GRAPHS --out {engine_dir}`", "rebuild the engines")
     if expect_config is not None and manifest["config"] != expect_config.to_dict():
-        want = expect_config.to_dict()
-        diff = {k: (manifest["config"].get(k), want.get(k)) for k in sorted(set(want) | set(manifest["config"]))
-                if manifest["config"].get(k) != want.get(k)}
+        diff = config_diff(manifest["config"], expect_config.to_dict())
         raise EngineError(f"{path}: engines built for another config (engines vs requested: {diff}); export and "
                           f"build for this config")
     if here is not None:

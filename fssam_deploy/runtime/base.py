@@ -45,12 +45,16 @@ class Runner:
             self.deactivate_impl()
             self.is_active = False
 
-    def check_inputs(self, feed: dict[str, torch.Tensor]) -> None:
+    def check_names(self, feed: dict[str, torch.Tensor], what: str = "graph") -> None:
+        """Every input of the `what` present; nothing else but inputs the exporter pruned from it."""
         missing = sorted(set(self.input_shapes) - set(feed))
         extra = sorted(set(feed) - set(self.input_shapes) - self.prunable_inputs)
         if missing or extra:
-            raise InputError(f"{self.name}: inputs {sorted(feed)} do not match the graph's {sorted(self.input_shapes)}"
-                             f" (missing {missing}, unexpected {extra})")
+            raise InputError(f"{self.name}: inputs {sorted(feed)} do not match the {what}'s "
+                             f"{sorted(self.input_shapes)} (missing {missing}, unexpected {extra})")
+
+    def check_inputs(self, feed: dict[str, torch.Tensor]) -> None:
+        self.check_names(feed)
         for k, t in feed.items():
             if k not in self.input_shapes:
                 continue

@@ -91,11 +91,7 @@ class TrtRunner(Runner):
 
     def check_inputs(self, feed: dict[str, torch.Tensor]) -> None:
         """Names as the base contract; dtype the engine's or float32; shape the engine's, batch within the profile."""
-        missing = sorted(set(self.input_shapes) - set(feed))
-        extra = sorted(set(feed) - set(self.input_shapes) - self.prunable_inputs)
-        if missing or extra:
-            raise InputError(f"{self.name}: inputs {sorted(feed)} do not match the engine's {sorted(self.input_shapes)}"
-                             f" (missing {missing}, unexpected {extra})")
+        self.check_names(feed, "engine")
         for name in self.input_names:
             t, want = feed[name], self.input_shapes[name]
             if t.dtype not in (self.dtypes[name], torch.float32):
