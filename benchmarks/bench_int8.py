@@ -1,6 +1,6 @@
 """int8 vs fp32 on ONNX Runtime (CPU): per-stage and episode latency, and what int8 costs in mask IoU.
 
-Exports the fp32 graphs, quantizes the big encoders (`fssam_deploy.export.quantize`) with each
+Exports the fp32 graphs, quantizes the big encoders (`fssam_deploy.onnx.quantize`) with each
 method asked for, then in one process, interleaved (fp32, int8, fp32, int8, ...), runs the same
 synthetic episode through every engine dir: median / p90 latency of the episode and of each stage,
 and the mask IoU and max logit error of int8 against fp32 ORT over `--episodes` episodes.
@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from fssam_deploy.bench.run import episode_inputs, parity
+from fssam_deploy.backends.onnxruntime import onnx_episode
 from fssam_deploy.bench.timing import Stats
-from fssam_deploy.export.onnx_export import export_onnx
-from fssam_deploy.export.quantize import METHODS, quantize_engine_dir
 from fssam_deploy.model import FSSAMConfig, random_weights, save_fssam_checkpoint
-from fssam_deploy.runtime.episode import OnnxEpisode
+from fssam_deploy.onnx.export import export_onnx
+from fssam_deploy.onnx.quantize import METHODS, quantize_engine_dir
+from fssam_deploy.parity import parity
+from fssam_deploy.synthetic import episode_tensors
 
 WEIGHTS = ("random", "stressed", "checkpoint")
 
@@ -78,20 +79,20 @@ def build_engines(args, cfg: FSSAMConfig, kind: str, work: Path) -> dict[str, Pa
 
 def measure(args, cfg: FSSAMConfig, dirs: dict[str, Path]) -> dict:
     """Interleaved latency on one episode, then parity with fp32 over `args.episodes` episodes."""
-    episodes = {name: OnnxEpisode(d, expect=cfg, threads=args.threads) for name, d in dirs.items()}
-    q, sx, sy = episode_inputs(cfg, 1, cfg.shots, args.seed)
+    episodes = {name: onnx_episode(d, expect=cfg, threads=args.threads) for name, d in dirs.items()}
+    q, sx, sy = episode_tensors(cfg, 1, cfg.shots, args.seed)
     total, cpu = {name: Stats() for name in episodes}, {name: Stats() for name in episodes}
     stages = {name: {} for name in episodes}
     for it in range(args.warmup + args.iters):
         for name, ep in episodes.items():
-            ep.stage_times = {}
-            t0, c0 = time.perf_counter(), time.process_time()
-            ep.segment(q, sx, sy)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            with ep.timing() as times:
+                t0, c0 = time.perf_counter(), time.process_time()
+                ep.segment(q, sx, sy)
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if it >= args.warmup:
                 total[name].add(dt)
                 cpu[name].add(dc)
-                for stage, s in ep.stage_times.items():
+                for stage, s in times.items():
                     stages[name].setdefault(stage, Stats()).add(s)
     rows = {}
     for name, ep in episodes.items():
@@ -99,7 +100,7 @@ def measure(args, cfg: FSSAMConfig, dirs: dict[str, Path]) -> dict:
                       "stages": {k: v.to_dict() for k, v in stages[name].items()},
                       "quantized_stages": [k for k, v in ep.manifest["stages"].items() if "quantized" in v]}
     for i in range(args.episodes):
-        q, sx, sy = episode_inputs(cfg, 1, cfg.shots, args.seed + i)
+        q, sx, sy = episode_tensors(cfg, 1, cfg.shots, args.seed + i)
         ref = episodes["fp32"].segment(q, sx, sy)
         for name, ep in episodes.items():
             p = parity(ep.segment(q, sx, sy), ref)

@@ -1,6 +1,6 @@
 """onnxslim against onnx-simplifier (onnxsim) on every stage's graph: node count, simplify time, ONNX Runtime latency.
 
-Each stage is exported once with the dynamo exporter (`export.onnx_export.export_raw`, the graph `fssam export`
+Each stage is exported once with the dynamo exporter (`onnx.export.export_raw`, the graph `fssam export`
 then simplifies), then simplified by each tool. Every variant runs on ONNX Runtime's CPU provider with the
 runner's session options (ORT_ENABLE_ALL, no spinning threads) on the stage's dummy inputs, the variants taking
 turns run by run (so a shared machine's load falls on all alike). Per variant: node count, simplify time, median
@@ -97,7 +97,7 @@ def simplify_all(name: str, raw: Path, tools: dict, tmp: Path) -> list[dict]:
     """One row per tool: the simplified graph's path, node count, time, and check_graph's verdict (or the error)."""
     import onnx
 
-    from fssam_deploy.export.onnx_export import check_graph
+    from fssam_deploy.onnx.export import check_graph
 
     rows = []
     for tool, simplify in tools.items():
@@ -122,8 +122,8 @@ def simplify_all(name: str, raw: Path, tools: dict, tmp: Path) -> list[dict]:
 
 
 def measure_stage(name: str, module, cfg, args, tools: dict, tmp: Path) -> list[dict]:
-    from fssam_deploy.export.onnx_export import export_raw
-    from fssam_deploy.export.specs import STAGE_SPECS
+    from fssam_deploy.onnx.export import export_raw
+    from fssam_deploy.stages import STAGE_SPECS
 
     raw = tmp / f"{name}.raw.onnx"
     t0 = time.perf_counter()
@@ -174,8 +174,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from fssam_deploy.export.specs import STAGE_SPECS, stage_module
     from fssam_deploy.model import FSSAMConfig, build_stages, random_weights
+    from fssam_deploy.stages import STAGE_SPECS, stage_module
 
     args = parse_args(argv)
     cfg = FSSAMConfig.from_name(args.config, **({"shots": args.shots} if args.shots else {}))

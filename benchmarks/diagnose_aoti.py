@@ -43,8 +43,8 @@ def _case(name: str, device):
         torch.manual_seed(0)
         module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).to(device).eval()
         return module, (torch.randn(4, 64, device=device),)
-    from fssam_deploy.export.specs import STAGE_SPECS, stage_module
     from fssam_deploy.model import FSSAMConfig, build_stages, random_weights
+    from fssam_deploy.stages import STAGE_SPECS, stage_module
 
     cfg = FSSAMConfig.from_name("tiny")
     stage, backend = {"refinement": ("refinement", "torch"), "decoder-torch": ("decoder", "torch"),

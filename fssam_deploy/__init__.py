@@ -1,7 +1,7 @@
 """fssam-deploy: FSSAM (few-shot segmentation with SAM 2) from checkpoint to fast inference."""
 
-from .errors import CheckpointError, ConfigError, EngineError, FSSAMError, InputError
-from .model import FSSAMConfig, Pipeline, SupportSession
+from fssam_deploy.errors import CheckpointError, ConfigError, EngineError, FSSAMError, InputError
+from fssam_deploy.model import FSSAMConfig, Pipeline, SupportSession
 
 __version__ = "0.1.0"
 

@@ -1,19 +1,25 @@
-"""The `fssam` command: argparse subcommands, each one call into the library."""
+"""The `fssam` command: argparse subcommands, each one call into the library; backends from the one registry."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
-from .errors import FSSAMError
-from .model.config import DINO_MODELS, REFINE_VERSIONS, SAM2_CONFIGS, FSSAMConfig
+from fssam_deploy.backends import registry
+from fssam_deploy.errors import FSSAMError
+from fssam_deploy.model.config import DINO_MODELS, REFINE_VERSIONS, SAM2_CONFIGS, FSSAMConfig
+from fssam_deploy.preflight import check_choices, check_device, check_positive, parse_int_list
+
+BUG = ("this is a bug in fssam-deploy, not in your input: please report it with the command line and the "
+       "traceback above")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--checkpoint and the config flags shared by run, export, bench, build."""
+    """--checkpoint and the config flags shared by run, export, bench, build, eval, serve."""
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", help="FSSAM checkpoint ({'state_dict': {'sam2.*', 'dino.*'}})")
     g.add_argument("--sam2-checkpoint", help="SAM 2 official checkpoint ({'model': ...}), with --dino-checkpoint")
@@ -32,94 +38,98 @@ def config_from_args(args, shots: int) -> FSSAMConfig:
                        num_refine=args.num_refine, refine=args.refine)
 
 
-def build_pipeline(args, cfg: FSSAMConfig):
-    from .model import Pipeline
+def has_checkpoint(args) -> bool:
+    return bool(getattr(args, "checkpoint", None) or getattr(args, "sam2_checkpoint", None)
+                or getattr(args, "dino_checkpoint", None))
 
-    if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):
-        print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}). The masks mean nothing; "
-              "use this only for export and speed work.", file=sys.stderr)
+
+def warn_random(what: str, seed: int) -> None:
+    print(f"WARNING: no checkpoint given: RANDOM weights (seed {seed}). {what}", file=sys.stderr)
+
+
+def backend_help(device_note: bool = True) -> str:
+    lines = [f"{b}: {registry.get(b).summary}" + (f" [{'/'.join(registry.get(b).devices)}]" if device_note else "")
+             for b in registry.names()]
+    return "; ".join(lines)
+
+
+def open_episode(args, cfg: FSSAMConfig):
+    """The episode of `--backend` (and `--engine-dir`) for `cfg`; warns when it runs random weights."""
+    backend = registry.get(args.backend)
+    backend.check(args.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="FSSAM is running with RANDOM weights")
-        return Pipeline.from_config(cfg, args.checkpoint, args.sam2_checkpoint, args.dino_checkpoint,
-                                    seed=args.seed, device=args.device)
-
-
-ENGINE_SOURCES = {"onnxruntime": "fssam export", "aoti": "fssam build --format aoti",
-                  "tensorrt": "fssam build --format tensorrt"}
-
-
-def build_backend(args, cfg: FSSAMConfig):
-    """The torch Pipeline, or an episode over exported graphs / built engines (same segment API)."""
-    if args.backend == "torch":
-        return build_pipeline(args, cfg)
-    if not args.engine_dir:
-        raise FSSAMError(f"--backend {args.backend} needs --engine-dir (written by `{ENGINE_SOURCES[args.backend]}`)")
-    if args.backend == "aoti":
-        from .runtime.aoti_runner import AotiEpisode
-
-        return AotiEpisode(args.engine_dir, expect_config=cfg, device=args.device)
-    if args.backend == "tensorrt":
-        from .runtime.tensorrt_episode import TrtEpisode
-
-        return TrtEpisode(args.engine_dir, expect=cfg, device=args.device)
-    from .runtime.episode import OnnxEpisode
-
-    return OnnxEpisode(args.engine_dir, expect=cfg, device=args.device)
+        episode = registry.open_backend(args.backend, cfg, device=args.device, engine_dir=args.engine_dir,
+                                        checkpoint=args.checkpoint, sam2_checkpoint=args.sam2_checkpoint,
+                                        dino_checkpoint=args.dino_checkpoint, seed=args.seed)
+    weights = episode.manifest.get("weights", "") if episode.manifest is not None else ""
+    if (episode.manifest is None and not has_checkpoint(args)) or str(weights).startswith("random:"):
+        seed = weights.split(":")[1] if weights else args.seed
+        warn_random("The masks mean nothing; use this only for export and speed work.", seed)
+    return episode
 
 
 def cmd_run(args) -> int:
-    from .episode_files import load_supports, segment_queries
-    from .imageio import check_readable, list_images, read_image, write_mask, write_overlay
+    from fssam_deploy.episode_files import load_supports, plan_outputs, segment_queries
+    from fssam_deploy.imageio import check_readable, list_images, read_image, write_logits, write_mask, write_overlay
 
+    device = check_device(args.device)
+    check_positive("--batch", args.batch)
+    registry.get(args.backend).check(device)
     queries = list_images(args.query)
-    check_readable(queries)
+    plans = plan_outputs(queries, args.out, args.logits, args.overlay, inputs=[*args.support, *args.support_mask])
+    check_readable([p.query for p in plans])
     cfg = config_from_args(args, shots=len(args.support))
     supports = load_supports(args.support, args.support_mask, cfg.image_size)
-    if len(queries) > 1 and not Path(args.out).suffix == "":
-        raise FSSAMError(f"--out {args.out}: with {len(queries)} queries, --out must be a folder")
-    pipe = build_backend(args, cfg)
+    episode = open_episode(args, cfg)
     t0 = time.perf_counter()
-    for res in segment_queries(pipe, supports, queries, batch=args.batch, device=args.device):
-        many = len(queries) > 1
-        out = Path(args.out) / f"{res.path.stem}.png" if many else Path(args.out)
-        write_mask(out, res.mask)
-        if args.logits:
-            import numpy as np
-
-            np.save(Path(args.logits) / f"{res.path.stem}.npy" if many else args.logits, res.logits)
-        if args.overlay:
-            ov = Path(args.overlay) / f"{res.path.stem}.png" if many else Path(args.overlay)
-            write_overlay(ov, read_image(res.path), res.mask)
-        print(f"{res.path}: mask {out} ({res.mask.mean() * 100:.1f}% foreground)")
-    dt = time.perf_counter() - t0
-    print(f"{len(queries)} query(ies) against {len(args.support)} support(s) in {dt:.2f} s "
-          f"({cfg.sam2_config}, {cfg.dino}, {cfg.image_size} px, {args.device})")
+    by_query = {str(p.query): p for p in plans}
+    try:
+        for res in segment_queries(episode, supports, [p.query for p in plans], batch=args.batch, device=device):
+            plan = by_query[str(res.path)]
+            write_mask(plan.mask, res.mask)
+            if plan.logits:
+                write_logits(plan.logits, res.logits)
+            if plan.overlay:
+                write_overlay(plan.overlay, read_image(res.path), res.mask)
+            print(f"{res.path}: mask {plan.mask} ({res.mask.mean() * 100:.1f}% foreground)")
+    finally:
+        episode.close()
+    print(f"{len(plans)} query(ies) against {len(args.support)} support(s) in {time.perf_counter() - t0:.2f} s "
+          f"({cfg.sam2_config}, {cfg.dino}, {cfg.image_size} px, {args.backend} on {device})")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo_run import run_demo
+    from fssam_deploy.demo import run_demo
 
-    backends = args.backends.split(",") if args.backends else None
-    return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset, backends=backends, device=args.device,
-                    iters=args.iters)
+    device = check_device(args.device)
+    backends = None
+    if args.backends:
+        backends = check_choices("--backends", args.backends.split(","), registry.names())
+        for name in backends:
+            registry.get(name).check(device)
+    return run_demo(Path(args.out_dir), seed=args.seed, preset=args.preset, backends=backends, device=str(device),
+                    iters=check_positive("--iters", args.iters), force=args.force)
 
 
 def cmd_bench(args) -> int:
-    from .bench.report import markdown_table
-    from .bench.run import BenchSettings, run_bench
+    from fssam_deploy.bench.report import markdown_table
+    from fssam_deploy.bench.run import BenchSettings, run_bench
 
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    cfg = config_from_args(args, shots=ints(args.shots)[0])  # --engine-dir serves the first shot count
+    device = check_device(args.device)
+    names = check_choices("--backends", args.backends.split(","), registry.names())
+    for name in names:
+        registry.get(name).check(device)
+    batches, shots = parse_int_list("--batch", args.batch), parse_int_list("--shots", args.shots)
+    cfg = config_from_args(args, shots=shots[0])  # --engine-dir serves the first shot count
     if not args.checkpoint:
-        print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}); latency is real, masks are not.",
-              file=sys.stderr)
-    st = BenchSettings(backends=args.backends.split(","), batches=ints(args.batch), shots=ints(args.shots), cfg=cfg,
-                       warmup=args.warmup, iters=args.iters, device=args.device, checkpoint=args.checkpoint,
-                       seed=args.seed, engine_dir=args.engine_dir, threads=args.threads)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="benchmarking RANDOM weights")
-        result = run_bench(st, args.out, progress=not args.no_progress)
+        warn_random("Latency is real, masks are not.", args.seed)
+    st = BenchSettings(backends=names, batches=batches, shots=shots, cfg=cfg,
+                       warmup=check_positive("--warmup", args.warmup, 0), iters=check_positive("--iters", args.iters),
+                       device=str(device), checkpoint=args.checkpoint, seed=args.seed, engine_dir=args.engine_dir,
+                       threads=args.threads)
+    result = run_bench(st, args.out, progress=not args.no_progress)
     print(markdown_table(result))
     if args.out:
         print(f"wrote {args.out}/bench.json, bench.md, bench.png")
@@ -127,24 +137,31 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.onnx_export import export_onnx
+    from fssam_deploy.atomic import check_output_dir
+    from fssam_deploy.onnx.export import export_onnx
 
-    cfg = config_from_args(args, shots=args.shots)
-    if not args.checkpoint:
-        print(f"WARNING: no checkpoint given: exporting RANDOM weights (seed {args.seed}).", file=sys.stderr)
+    check_device(args.device)
+    check_output_dir(args.out, force=args.force)
+    if args.opset < 18:
+        raise FSSAMError(f"--opset {args.opset}: the exporter writes opset 18 or newer (standard-op attention, "
+                         "LayerNorm); give --opset 18 or higher")
+    cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
+    if not has_checkpoint(args):
+        warn_random("Exporting them.", args.seed)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.precision == "int8":
-            from .export.quantize import export_int8
+            from fssam_deploy.onnx.quantize import export_int8
 
             out = export_int8(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
-                              batch=args.batch, progress=not args.no_progress)
+                              batch=args.batch, progress=not args.no_progress, force=args.force)
         else:
             out = export_onnx(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, opset=args.opset,
-                              batch=args.batch, precision=args.precision, progress=not args.no_progress)
+                              batch=args.batch, precision=args.precision, progress=not args.no_progress,
+                              force=args.force)
         if args.tensorrt_plugin:
-            from .export.onnx_plugin_variant import export_plugin_variants
+            from fssam_deploy.onnx.plugin_variant import export_plugin_variants
 
             export_plugin_variants(cfg, out, checkpoint=args.checkpoint, seed=args.seed)
     print(f"wrote {out}/ (one {args.precision} ONNX graph per stage + manifest.json) in "
@@ -153,41 +170,36 @@ def cmd_export(args) -> int:
 
 
 def cmd_build(args) -> int:
-    """Engines for the local device: AOTInductor packages (from the checkpoint) or TensorRT (from ONNX)."""
+    """Engines for this device, by the registry's builder of `--format`."""
+    from fssam_deploy.atomic import check_output_dir
+
+    backend = registry.build_formats()[args.format]
+    device = check_device(args.device)
+    check_output_dir(args.out, force=args.force)
+    cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
+    if args.onnx_dir is None and not has_checkpoint(args):
+        warn_random("Compiling them.", args.seed)
+    options = {"timing_cache": args.timing_cache, "workspace": args.workspace, "no_plugin": args.no_plugin,
+               "calibration_dir": args.calibration_dir}
+    req = registry.BuildRequest(cfg=cfg, out=Path(args.out), device=device, checkpoint=args.checkpoint,
+                                seed=args.seed, source_dir=Path(args.onnx_dir) if args.onnx_dir else None,
+                                precision=args.precision, batch=args.batch, progress=not args.no_progress,
+                                force=args.force, options=options)
     t0 = time.perf_counter()
-    if args.format == "aoti":
-        from .export.aoti import build_aoti
-
-        cfg = config_from_args(args, shots=args.shots)
-        if not args.checkpoint:
-            print(f"WARNING: no checkpoint given: compiling RANDOM weights (seed {args.seed}).", file=sys.stderr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = build_aoti(cfg, args.out, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
-                             batch=int(args.batch), precision=args.precision, progress=not args.no_progress)
-    else:
-        from .export.tensorrt_build import build_tensorrt
-
-        if not args.onnx_dir:
-            raise FSSAMError("--format tensorrt needs --onnx-dir (graphs written by `fssam export`)")
-        batch = tuple(int(x) for x in args.batch.split(","))
-        if len(batch) == 1:
-            batch = batch * 3
-        if len(batch) != 3:
-            raise FSSAMError(f"--batch {args.batch}: give one size or min,opt,max")
-        out = build_tensorrt(args.onnx_dir, args.out, precision=args.precision, batch=batch,
-                             timing_cache=args.timing_cache, workspace_gib=args.workspace, plugin=not args.no_plugin,
-                             progress=not args.no_progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = backend.build(req)
     print(f"wrote {out}/ ({args.format}, {args.precision}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .export.verify import verify
+    from fssam_deploy.verify import verify
 
+    check_positive("--batch", args.batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch)
+        report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch, device=args.device)
     print(report.table())
     if args.json:
         import json
@@ -203,21 +215,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fssam",
-                                description="FSSAM few-shot segmentation: demo, run, export, build, verify, bench")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="a built-in synthetic episode end to end: PyTorch, ONNX export, every "
-                       "available backend, parity and speed table (no files, no weights needed)")
-    d.add_argument("--out-dir", default="fssam-demo", help="where the mask, overlay, graphs and table are written")
-    d.add_argument("--preset", default="tiny", help="config preset (tiny, paper, ...)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    d.add_argument("--backends", help="comma list (default: every backend available on the device)")
-    d.add_argument("--iters", type=int, default=3, help="timed episodes per backend")
-    d.set_defaults(func=cmd_demo)
-
+def add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="segment query image(s) given support images and masks")
     add_model_flags(r)
     r.add_argument("--query", action="append", required=True, help="query image or folder (repeatable)")
@@ -227,13 +225,16 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits", help="also write float32 logits at the query's size (.npy; a folder for many)")
     r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
     r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
-    r.add_argument("--backend", default="torch", choices=["torch", *ENGINE_SOURCES])
+    r.add_argument("--backend", default="torch", choices=registry.names(), metavar="NAME", help=backend_help())
     r.add_argument("--engine-dir", help="graphs (`fssam export`) or engines (`fssam build`) for the backend")
     r.set_defaults(func=cmd_run)
 
+
+def add_artifact_parsers(sub) -> None:
     e = sub.add_parser("export", help="one ONNX graph per stage + manifest.json")
     add_model_flags(e)
-    e.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    e.add_argument("--out", required=True, help="output folder (a new one, or one `fssam export` wrote)")
+    e.add_argument("--force", action="store_true", help="replace --out even if it is not a folder this tool wrote")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--batch", default="1", choices=["1", "dynamic"])
     e.add_argument("--shots", type=int, default=1)
@@ -246,41 +247,69 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_export)
 
-    bd = sub.add_parser("build", help="engines for this device: AOTInductor packages or TensorRT engines")
+    formats = registry.build_formats()
+    bd = sub.add_parser("build", help="engines for this device: " + ", ".join(formats))
     add_model_flags(bd)
-    bd.add_argument("--format", required=True, choices=["aoti", "tensorrt"])
-    bd.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    bd.add_argument("--onnx-dir", help="tensorrt: the graphs written by `fssam export`")
-    bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                    help="aoti: bf16/fp16 compile each stage under autocast; tensorrt: engine precision")
-    bd.add_argument("--batch", default="1", help="aoti: the static batch; tensorrt: N or min,opt,max")
-    bd.add_argument("--shots", type=int, default=1, help="aoti: shots per episode")
+    bd.add_argument("--format", required=True, choices=list(formats),
+                    help="; ".join(f"{f}: {b.summary}" for f, b in formats.items()))
+    bd.add_argument("--out", required=True, help="output folder (a new one, or one `fssam build` wrote)")
+    bd.add_argument("--force", action="store_true", help="replace --out even if it is not a folder this tool wrote")
+    bd.add_argument("--onnx-dir", help="the graphs written by `fssam export` (formats built from ONNX)")
+    bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                    help="aoti: bf16/fp16 compile each stage under autocast; tensorrt: engine precision; openvino: "
+                    "fp32, bf16 or int8")
+    bd.add_argument("--batch", default="1", help="the static batch (aoti, openvino); tensorrt: N or min,opt,max")
+    bd.add_argument("--shots", type=int, default=1, help="shots per episode (formats built from a checkpoint)")
     bd.add_argument("--timing-cache", help="tensorrt: timing cache file, reused and extended")
     bd.add_argument("--workspace", type=float, help="tensorrt: workspace limit in GiB")
     bd.add_argument("--no-plugin", action="store_true", help="tensorrt: standard-op attention, no fused plugin")
+    bd.add_argument("--calibration-dir", help="int8: images to calibrate on (default: synthetic episodes)")
     bd.add_argument("--no-progress", action="store_true")
     bd.set_defaults(func=cmd_build)
 
-    v = sub.add_parser("verify", help="compare exported graphs with PyTorch (per stage and end to end)")
-    v.add_argument("--engine-dir", required=True)
-    v.add_argument("--checkpoint", help="the checkpoint the graphs were exported from (if any)")
+    v = sub.add_parser("verify", help="compare an artifact folder with PyTorch (per stage and end to end)")
+    v.add_argument("--engine-dir", required=True, help="graphs, packages or engines (any backend's folder)")
+    v.add_argument("--checkpoint", help="the checkpoint the folder was made from (if any)")
     v.add_argument("--batch", type=int, default=1)
+    v.add_argument("--device", default="cpu", help="where the folder's backend runs")
     v.add_argument("--json", help="also write the report as JSON")
     v.set_defaults(func=cmd_verify)
 
+
+def add_demo_bench_parsers(sub) -> None:
+    d = sub.add_parser("demo", help="a built-in synthetic episode end to end: PyTorch, ONNX export, every "
+                       "available backend, parity and speed table (no files, no weights needed)")
+    d.add_argument("--out-dir", default="fssam-demo", help="where the mask, overlay, graphs and table are written")
+    d.add_argument("--force", action="store_true", help="write into --out-dir even if it holds files of others")
+    d.add_argument("--preset", default="tiny", help="config preset (tiny, paper, ...)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    d.add_argument("--backends", help="comma list (default: every backend available on the device): "
+                   + ", ".join(registry.names()))
+    d.add_argument("--iters", type=int, default=3, help="timed episodes per backend")
+    d.set_defaults(func=cmd_demo)
+
     b = sub.add_parser("bench", help="latency, throughput, memory and parity per backend")
     add_model_flags(b)
-    b.add_argument("--backends", default="torch", help="comma list: torch, torch-bf16, torch-fused, torch-compile, "
-                   "torch-compile-bf16, onnxruntime, onnxruntime-int8, aoti, aoti-bf16, tensorrt, tensorrt-graph")
+    b.add_argument("--backends", default="torch", help="comma list of " + backend_help())
     b.add_argument("--batch", default="1", help="comma list of batch sizes")
     b.add_argument("--shots", default="1", help="comma list of shot counts")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--iters", type=int, default=5)
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    b.add_argument("--engine-dir", help="exported graphs / engines for the onnxruntime, aoti backends")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    b.add_argument("--engine-dir", help="exported graphs / engines for the backends that take them")
     b.add_argument("--out", help="folder for bench.json, bench.md, bench.png")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: demo, run, export, build, "
+                                "verify, bench")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_demo_bench_parsers(sub)
+    add_run_parser(sub)
+    add_artifact_parsers(sub)
     return p
 
 
@@ -291,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     except FSSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing half-written is left: outputs are written atomically)", file=sys.stderr)
+        return 130
+    except Exception:  # our bug: the traceback, and a line that says so
+        traceback.print_exc()
+        print(f"error: {BUG}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

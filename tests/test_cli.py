@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from fssam_deploy.cli import main
-from fssam_deploy.demo import synthetic_episode
 from fssam_deploy.model import random_weights, save_fssam_checkpoint
+from fssam_deploy.synthetic import synthetic_episode
 
 TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-size", "256"]
 

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..demo import synthetic_episode
-from ..imageio import image_to_tensor, mask_to_tensor
-from ..model import FSSAMConfig
-from .backends import load_bench_weights, make_backend
-from .timing import Stats, Timer, current_rss_mb, peak_rss_mb, synchronize
+from fssam_deploy.backends.registry import get, open_backend
+from fssam_deploy.bench.timing import Stats, Timer, current_rss_mb, peak_rss_mb, synchronize
+from fssam_deploy.manifest import folder_format
+from fssam_deploy.model.checkpoint import make_weights
+from fssam_deploy.model.config import FSSAMConfig
+from fssam_deploy.parity import parity
+from fssam_deploy.synthetic import episode_tensors
 
 
 @dataclass
@@ -29,24 +31,6 @@ class BenchSettings:
     engine_dir: str | None = None
     threads: int | None = None
     extra: dict = field(default_factory=dict)
-
-
-def episode_inputs(cfg: FSSAMConfig, batch: int, shots: int, seed: int = 0):
-    """B synthetic episodes (query, supports, masks) as model-size tensors."""
-    qs, ss, ms = [], [], []
-    for b in range(batch):
-        q, _, sup, masks = synthetic_episode(cfg.image_size, shots, seed + b)
-        qs.append(image_to_tensor(q, cfg.image_size))
-        ss.append(torch.stack([image_to_tensor(s, cfg.image_size) for s in sup]))
-        ms.append(torch.stack([mask_to_tensor(m, cfg.image_size) for m in masks]))
-    return torch.stack(qs), torch.stack(ss), torch.stack(ms)
-
-
-def parity(logits: torch.Tensor, ref: torch.Tensor) -> dict:
-    a, b = logits.float().cpu() > 0, ref.float().cpu() > 0
-    union = (a | b).sum().item()
-    iou = 1.0 if union == 0 else (a & b).sum().item() / union
-    return {"mask_iou": iou, "max_abs_logit_err": (logits.float().cpu() - ref.float().cpu()).abs().max().item()}
 
 
 def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor | None) -> dict:
@@ -67,7 +51,7 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
     overheads = []
     for _ in range(max(1, st.iters // 2)):
         wall = Stats()
-        with backend.timing_stages() as times, timer.measure(wall):
+        with backend.timing() as times, timer.measure(wall):
             full()
         stage_runs.append(dict(times))
         overheads.append(max(0.0, 1 - sum(times.values()) / wall.samples[0]))
@@ -106,7 +90,10 @@ def environment(st: BenchSettings) -> dict:
 
 
 def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run every (backend, shots, batch) and return (and optionally write) the results."""
+    """Run every (backend, shots, batch) and return (and optionally write) the results.
+
+    Every backend comes from the registry (`open_backend`, building what it lacks into a temporary folder) and
+    runs the same weights; `--engine-dir` serves the first shot count."""
     from rich.progress import Progress
 
     if st.threads:
@@ -117,24 +104,31 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
         task = bar.add_task("benchmark", total=len(cases) * len(st.backends))
         for shots in st.shots:
             cfg = st.cfg.replace(shots=shots)
-            weights = load_bench_weights(cfg, st.checkpoint, st.seed)
-            backends = [make_backend(n, cfg, weights, st.device, st.engine_dir if shots == st.cfg.shots else None,
-                                     st.checkpoint, st.seed, st.threads) for n in st.backends]
-            ref_backend = make_backend("torch", cfg, weights, st.device)
-            for batch in st.batches:
-                inputs = episode_inputs(cfg, batch, shots, st.seed)
-                with torch.inference_mode():
+            weights = make_weights(cfg, st.checkpoint, seed=st.seed, warn=False)
+            engine_dir = st.engine_dir if shots == st.cfg.shots else None
+            fmt = folder_format(engine_dir)  # the folder serves the backends that read its format
+            backends = [open_backend(n, cfg, device=st.device, checkpoint=st.checkpoint, seed=st.seed, weights=weights,
+                                     engine_dir=engine_dir if fmt and get(n).engine_format == fmt else None,
+                                     threads=st.threads, build_missing=True)
+                        for n in st.backends]
+            ref_backend = open_backend("torch", cfg, device=st.device, weights=weights)
+            try:
+                for batch in st.batches:
+                    inputs = episode_tensors(cfg, batch, shots, st.seed)
                     ref = ref_backend.segment_query(inputs[0].to(st.device),
                                                     ref_backend.encode_supports(*(t.to(st.device) for t in inputs[1:])))
-                for be in backends:
-                    bar.update(task, description=f"{be.name} K={shots} B={batch}")
-                    with torch.inference_mode():
-                        rows.append(measure_backend(be, inputs, st, ref))
-                    bar.advance(task)
+                    for be in backends:
+                        bar.update(task, description=f"{be.name} K={shots} B={batch}")
+                        with torch.inference_mode():
+                            rows.append(measure_backend(be, inputs, st, ref))
+                        bar.advance(task)
+            finally:
+                for be in (*backends, ref_backend):
+                    be.close()
     settings = {k: v for k, v in st.__dict__.items() if k != "cfg"}
     result = {"config": st.cfg.to_dict(), "settings": settings, "environment": environment(st), "rows": rows}
     if out_dir is not None:
-        from .report import write_report
+        from fssam_deploy.bench.report import write_report
 
         write_report(result, Path(out_dir))
     return result

@@ -17,8 +17,8 @@ import importlib
 
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
-from .reference import calibrated_attention_reference, calibration_weights, minmax, weighted_gap
+from fssam_deploy.errors import BackendUnavailableError, ConfigError
+from fssam_deploy.kernels.reference import calibrated_attention_reference, calibration_weights, minmax, weighted_gap
 
 BACKENDS = ("auto", "torch", "triton", "op")
 

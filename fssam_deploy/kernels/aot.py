@@ -18,9 +18,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..errors import BackendUnavailableError, InputError
-from .checks import SUPPORTED_HEAD_DIMS
-from .triton_calibrated_attention import INTERPRETED, KernelConfig, _calibrated_attn_fwd
+from fssam_deploy.errors import BackendUnavailableError, InputError
+from fssam_deploy.kernels.checks import SUPPORTED_HEAD_DIMS
+from fssam_deploy.kernels.triton_calibrated_attention import INTERPRETED, KernelConfig, _calibrated_attn_fwd
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _POINTERS = ("Q", "K", "V", "C", "Out")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError, expect_shape
+from fssam_deploy.errors import InputError, expect_shape
 
 #: Head dims the fused kernel is compiled for (tl.dot needs >= 16; SAM 2 uses 256).
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)

@@ -23,15 +23,15 @@ import contextlib
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .checks import SUPPORTED_HEAD_DIMS, check_calibrated_attention_inputs
-from .reference import calibrated_attention_reference
+from fssam_deploy.kernels.checks import SUPPORTED_HEAD_DIMS, check_calibrated_attention_inputs
+from fssam_deploy.kernels.reference import calibrated_attention_reference
 
 OP_NAME = "fssam::calibrated_attention"
 OP_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor c, int n_sup, int n_qry) -> Tensor"
 
 try:
-    from . import triton_calibrated_attention as _tk
-    from .triton_calibrated_attention import _calibrated_attn_fwd_tuned
+    from fssam_deploy.kernels import triton_calibrated_attention as _tk
+    from fssam_deploy.kernels.triton_calibrated_attention import _calibrated_attn_fwd_tuned
 except ImportError:  # Triton is not installed: the op is the reference.
     _tk = None
 

@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import BackendUnavailableError, InputError
-from .checks import check_calibrated_attention_inputs
-from .reference import BIAS_SCALE, EPS
+from fssam_deploy.errors import BackendUnavailableError, InputError
+from fssam_deploy.kernels.checks import check_calibrated_attention_inputs
+from fssam_deploy.kernels.reference import BIAS_SCALE, EPS
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _EPS = tl.constexpr(EPS)

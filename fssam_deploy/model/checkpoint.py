@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .fssam import FSSAMWeights
+from fssam_deploy.errors import CheckpointError
+from fssam_deploy.model.fssam import FSSAMWeights, random_weights
 
 FORMAT_FSSAM = "fssam"  # {"epoch", "state_dict": {"sam2.*", "dino.*"}, "optimizer"}, maybe "module."
 FORMAT_SAM2 = "sam2"  # {"model": SAM2Base state dict}
@@ -23,11 +24,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, not a torch file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, not a torch file: torch raises many types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({_torch_reason(exc)}); it is corrupt, truncated, "
+                              "not written by torch.save, or holds objects other than tensors and plain containers "
+                              "(refused by weights-only loading)") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The one line of torch's (often multi-line) load error that says what failed."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"  # weights_only refusals: the reason follows, after advice not to follow
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def strip_prefix(sd: dict, prefix: str) -> dict:
@@ -144,3 +158,20 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+RANDOM_WEIGHTS_WARNING = (
+    "FSSAM is running with RANDOM weights (no checkpoint given): fine for export and speed "
+    "work, but its masks mean nothing"
+)
+
+
+def make_weights(cfg, checkpoint=None, sam2_checkpoint=None, dino_checkpoint=None, seed: int = 0,
+                 warn: bool = True) -> FSSAMWeights:
+    """The weights every command uses: loaded from the checkpoint(s), or drawn from `seed` (with a warning)."""
+    weights = random_weights(cfg, seed)
+    if checkpoint or sam2_checkpoint or dino_checkpoint:
+        load_weights(weights, checkpoint, sam2_checkpoint, dino_checkpoint)
+    elif warn:
+        warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
+    return weights

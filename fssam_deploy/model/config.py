@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from fssam_deploy.errors import ConfigError
 
 # SAM 2.0 configs that FSSAM uses (sam2 package: configs/sam2/<name>.yaml).
 SAM2_CONFIGS = ("sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l")

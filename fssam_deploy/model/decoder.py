@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory_attention import CalibratedMemoryAttention
-from .sam_heads import SamHeads
+from fssam_deploy.model.memory_attention import CalibratedMemoryAttention
+from fssam_deploy.model.sam_heads import SamHeads
 
 
 class MemoryDecoder(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DINO_INPUT_SIZE, DINO_MODELS, FSSAMConfig
+from fssam_deploy.model.config import DINO_INPUT_SIZE, DINO_MODELS, FSSAMConfig
 
 INTERPOLATE_OFFSET = 0.1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

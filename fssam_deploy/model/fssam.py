@@ -7,15 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import FSSAMConfig
-from .decoder import MemoryDecoder
-from .dinov2 import DinoEncoder, build_dinov2_vit
-from .image_encoder import ImageEncoder
-from .memory_encoder import MemoryEncoder
-from .prior import PriorGenerator
-from .refinement import MemoryRefinement
-from .sam2_build import build_sam2_model
-from .sam_heads import SamHeads
+from fssam_deploy.model.config import FSSAMConfig
+from fssam_deploy.model.decoder import MemoryDecoder
+from fssam_deploy.model.dinov2 import DinoEncoder, build_dinov2_vit
+from fssam_deploy.model.image_encoder import ImageEncoder
+from fssam_deploy.model.memory_encoder import MemoryEncoder
+from fssam_deploy.model.prior import PriorGenerator
+from fssam_deploy.model.refinement import MemoryRefinement
+from fssam_deploy.model.sam2_build import build_sam2_model
+from fssam_deploy.model.sam_heads import SamHeads
 
 
 class FSSAMWeights(nn.Module):
@@ -44,7 +44,7 @@ def random_weights(cfg: FSSAMConfig, seed: int = 0) -> FSSAMWeights:
 
 @dataclass
 class Stages:
-    """The stages of `export.specs.STAGE_SPECS` (same names, same order): tensor-in tensor-out
+    """The stages of `stages.STAGE_SPECS` (same names, same order): tensor-in tensor-out
     modules sharing one set of weights. DINOv2 (`dino_features`) is a stage of its own, so that
     a support set's features are computed once; `prior` takes them."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
+from fssam_deploy.model.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ImageEncoder(nn.Module):

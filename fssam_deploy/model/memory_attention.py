@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import calibrated_attention, calibration_weights
-from .rope import apply_rope, rope_tables
+from fssam_deploy.kernels import calibrated_attention, calibration_weights
+from fssam_deploy.model.rope import apply_rope, rope_tables
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

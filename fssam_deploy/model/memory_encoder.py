@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sam_heads import SamHeads
+from fssam_deploy.model.sam_heads import SamHeads
 
 OUT_SCALE, OUT_BIAS = 20.0, -10.0  # mask -> logits, as SAM 2's `_use_mask_as_output`
 

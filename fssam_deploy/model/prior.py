@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import EPS, minmax, weighted_gap
-from .config import FSSAMConfig
+from fssam_deploy.kernels.reference import EPS, minmax, weighted_gap
+from fssam_deploy.model.config import FSSAMConfig
 
 
 def cosine_to_prototype(feat: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.reference import minmax, weighted_gap
-from .prior import cosine_to_prototype, resize
+from fssam_deploy.kernels.reference import minmax, weighted_gap
+from fssam_deploy.model.prior import cosine_to_prototype, resize
 
 
 def memory_similarity(qry: torch.Tensor, ref: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:

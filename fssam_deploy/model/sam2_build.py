@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import FSSAMConfig
+from fssam_deploy.model.config import FSSAMConfig
 
 
 def sam2_overrides(cfg: FSSAMConfig) -> list[str]:

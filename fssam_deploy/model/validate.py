@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..errors import InputError, expect_shape
+from fssam_deploy.errors import InputError, expect_shape
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_episode
 
 from fssam_deploy.errors import CheckpointError
 from fssam_deploy.model import (
@@ -17,6 +16,7 @@ from fssam_deploy.model import (
     save_fssam_checkpoint,
     save_sam2_checkpoint,
 )
+from tests.helpers import make_episode
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_golden
 
 from fssam_deploy.model.memory_attention import CalibratedMemoryAttention
 from fssam_deploy.model.prior import PrototypePrior, SupportPrototypes
 from fssam_deploy.model.refinement import MemoryRefinement
+from tests.helpers import load_golden
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_episode
 
 from fssam_deploy.model import FSSAMConfig, Pipeline, random_weights, save_fssam_checkpoint
+from tests.helpers import make_episode
 
 
 @pytest.mark.slow

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_episode
 
 from fssam_deploy.errors import InputError
+from tests.helpers import make_episode
 
 
 def test_stage_shapes(tiny_pipeline, tiny_cfg):

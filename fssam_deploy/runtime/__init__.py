@@ -1,1 +1,0 @@
-"""Runners (one contract for every backend) and the episode orchestration over them."""

@@ -1,0 +1,131 @@
+"""The served models without a server: request checks, batching across requests, and `fssam run`'s masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fssam_deploy.errors import InputError
+from fssam_deploy.serve.codec import Limits
+from fssam_deploy.serve.models import FSSAMService
+from tests.serve.conftest import png_bytes
+
+
+def _b(*items):
+    return np.array([list(items)], dtype=object)  # (1, n) BYTES
+
+
+@pytest.fixture(scope="module")
+def service(tiny_pipeline, tmp_path_factory):
+    return FSSAMService(tiny_pipeline, "random:0", limits=Limits(max_request_bytes=1 << 20, max_supports=3),
+                        registry=tmp_path_factory.mktemp("reg"))
+
+
+def _support_req(files, e):
+    return {"supports": _b(*[p.read_bytes() for p in files["supports"][e]]),
+            "support_masks": _b(*[p.read_bytes() for p in files["masks"][e]])}
+
+
+def test_same_masks_as_fssam_run(service, tiny_pipeline, episode_files):
+    """fssam_segment and fssam_segment_cached give what `fssam run` computes from the same files."""
+    from fssam_deploy.episode_files import load_supports, segment_queries
+
+    f = episode_files
+    sup = load_supports(f["supports"][0], f["masks"][0], tiny_pipeline.cfg.image_size)
+    ref = next(segment_queries(tiny_pipeline, sup, [f["query"][0]]))
+    q = {"query": _b(f["query"][0].read_bytes())}
+    (seg,) = service.infer_segment([{**q, **_support_req(f, 0)}])
+    (reg,) = service.infer_register([_support_req(f, 0)])
+    sid = reg["support_id"][0, 0]
+    (cached,) = service.infer_segment_cached([{**q, "support_id": np.array([[sid]], dtype=object)}])
+    for out in (seg, cached):
+        assert out["error"][0, 0] == b""
+        assert out["mask"][0].shape == ref.mask.shape == (200, 300)
+        np.testing.assert_array_equal(out["mask"][0].astype(bool), ref.mask)
+        np.testing.assert_allclose(out["logits"][0], ref.logits, atol=1e-5)
+    assert 0.0 < ref.mask.mean() < 1.0  # random weights, but a mask with both classes: the comparison means something
+
+
+def test_batched_equals_unbatched(service, episode_files):
+    """Queries against different support sets in one call give what each gives alone."""
+    f = episode_files
+    ids = [service.infer_register([_support_req(f, e)])[0]["support_id"][0, 0] for e in range(2)]
+    reqs = [{"query": _b(f["query"][e].read_bytes()), "support_id": np.array([[ids[s]]], dtype=object)}
+            for e in range(2) for s in range(2)]
+    alone = [service.infer_segment_cached([r])[0] for r in reqs]
+    calls = len(service.batch_sizes["fssam_segment_cached"])
+    together = service.infer_segment_cached(reqs)
+    assert service.batch_sizes["fssam_segment_cached"][calls:] == [4]
+    for a, t in zip(alone, together):
+        np.testing.assert_array_equal(a["mask"], t["mask"])
+        np.testing.assert_allclose(a["logits"], t["logits"], atol=1e-4)
+
+
+def test_support_features_concat_matches_expand(service, tiny_pipeline):
+    """The batching rests on this: two support sets' features concatenated = each set's segment_query."""
+    from fssam_deploy.synthetic import episode_tensors
+
+    q, s, m = episode_tensors(tiny_pipeline.cfg, batch=2, shots=1, seed=3)
+    with torch.inference_mode():
+        a = torch.cat([tiny_pipeline.with_supports(s[i : i + 1], m[i : i + 1]).segment(q[i : i + 1]) for i in range(2)])
+        b = tiny_pipeline.with_supports(s, m).segment(q)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a > 0, b > 0)
+
+
+BAD = [
+    ({"query": _b(b"not an image")}, "input 'query'\\[0\\]: cannot read image"),
+    ({"query": _b(b"")}, "input 'query'\\[0\\] is empty"),
+    ({"query_raw": np.zeros((1, 5, 5), np.uint8)}, "'query_raw' has shape \\(1, 5, 5\\) \\(rank 3\\), expected rank 4"),
+    ({"query_raw": np.zeros((1, 5, 5, 4), np.uint8)}, "'query_raw' has 4 channels"),
+    ({"query_raw": np.full((1, 5, 5, 3), np.nan, np.float32)}, "'query_raw' has dtype float32, expected uint8"),
+    ({"query_raw": np.zeros((1, 0, 5, 3), np.uint8)}, "empty image"),
+    ({"query_raw": np.zeros((1, 2000, 2000, 3), np.uint8)}, "over the server's limit of 1.0 MiB"),
+    ({}, "got neither of 'query'"),
+    ({"query": _b(b"x"), "query_raw": np.zeros((1, 5, 5, 3), np.uint8)}, "got both of 'query'"),
+]
+
+
+@pytest.mark.parametrize("query,match", BAD)
+def test_bad_queries(service, episode_files, query, match):
+    sid = service.infer_register([_support_req(episode_files, 0)])[0]["support_id"][0, 0]
+    with pytest.raises(InputError, match=match):
+        service.infer_segment_cached([{**query, "support_id": np.array([[sid]], dtype=object)}])
+
+
+def test_bad_supports(service, episode_files):
+    f = episode_files
+    s0, m0 = (p.read_bytes() for p in (f["supports"][0][0], f["masks"][0][0]))
+    m_other = f["masks"][1][0].read_bytes()  # 240x180 mask for a 200x300 support
+    cases = [({"supports": _b(s0, s0), "support_masks": _b(m0)}, "2 support image\\(s\\) in 'supports' but 1 mask"),
+             ({"supports": _b(s0), "support_masks": _b(m_other)}, "'support_masks'\\[0\\] is 180x240 .* is 300x200"),
+             ({"supports": _b(s0), "support_masks": _b(b"junk")}, "'support_masks'\\[0\\]: cannot read mask"),
+             ({"supports": _b(*[s0] * 4), "support_masks": _b(*[m0] * 4)}, "4 supports in one request, over the limit"),
+             ({"support_masks": _b(m0)}, "neither of 'supports'"),
+             ({"supports_raw": np.zeros((1, 1, 8, 8, 3), np.uint8), "support_masks_raw": np.zeros((1, 1, 8, 9), np.uint8)},
+              "'support_masks_raw'\\[0\\] is 9x8 .* is 8x8")]
+    for req, match in cases:
+        with pytest.raises(InputError, match=match):
+            service.infer_register([req])
+    with pytest.raises(InputError, match="support_id 'nope': not a support id"):
+        service.infer_segment_cached([{"query": _b(f["query"][0].read_bytes()),
+                                       "support_id": np.array([[b"nope"]], dtype=object)}])
+    with pytest.raises(InputError, match=f"support_id {'0' * 64}: unknown support set"):
+        service.infer_segment_cached([{"query": _b(f["query"][0].read_bytes()),
+                                       "support_id": np.array([[b"0" * 64]], dtype=object)}])
+
+
+def test_mixed_batch_keeps_good_requests(service, episode_files):
+    """A bad request batched with good ones fails alone (its `error` output); the good ones are answered."""
+    f = episode_files
+    sid = service.infer_register([_support_req(f, 0)])[0]["support_id"][0, 0]
+    good = {"query": _b(f["query"][0].read_bytes()), "support_id": np.array([[sid]], dtype=object)}
+    bad = {"query": _b(b"junk"), "support_id": np.array([[sid]], dtype=object)}
+    out = service.infer_segment_cached([good, bad, good])
+    assert out[1]["error"][0, 0].startswith(b"fssam_segment_cached input 'query'[0]: cannot read image")
+    assert out[1]["mask"].shape == (1, 0, 0)
+    for i in (0, 2):
+        assert out[i]["error"][0, 0] == b"" and out[i]["mask"].shape == (1, 200, 300)
+    with pytest.raises(InputError, match="every request of this batch failed: request 0: .* \\| request 1: "):
+        service.infer_segment_cached([bad, bad])
