@@ -160,7 +160,7 @@ def environment(args, device) -> dict:
     import torch
     import triton
 
-    from fssam_deploy.artifacts import cpu_name
+    from fssam_deploy.hostinfo import cpu_name
     from fssam_deploy.kernels import triton_calibrated_attention as tk
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

@@ -10,9 +10,17 @@ import warnings
 from pathlib import Path
 
 from fssam_deploy.backends import registry
-from fssam_deploy.errors import FSSAMError
+from fssam_deploy.errors import ConfigError, FSSAMError
+from fssam_deploy.eval.cli import add_eval_parser
 from fssam_deploy.model.config import DINO_MODELS, REFINE_VERSIONS, SAM2_CONFIGS, FSSAMConfig
-from fssam_deploy.preflight import check_choices, check_device, check_positive, parse_int_list
+from fssam_deploy.preflight import (
+    check_choices,
+    check_device,
+    check_positive,
+    check_writable_folder,
+    parse_int_list,
+)
+from fssam_deploy.serve.cli import add_serve_parsers
 
 BUG = ("this is a bug in fssam-deploy, not in your input: please report it with the command line and the "
        "traceback above")
@@ -69,13 +77,29 @@ def open_episode(args, cfg: FSSAMConfig):
     return episode
 
 
+def check_engine_dir(flag: str, folder: str, backends: list[str]) -> None:
+    """`folder` is an artifact folder that one of `backends` reads (else a ConfigError naming the flag)."""
+    from fssam_deploy.manifest import folder_format
+
+    fmt = folder_format(folder)
+    if fmt is None:
+        raise ConfigError(f"{flag} {folder}: not an artifact folder (no manifest.json with a format); give a folder "
+                          "written by `fssam export` or `fssam build`")
+    if not any(registry.get(n).engine_format == fmt for n in backends):
+        raise ConfigError(f"{flag} {folder}: holds {fmt!r} artifacts, which none of --backends {','.join(backends)} "
+                          "reads; add the backend that reads them, or drop --engine-dir")
+
+
 def cmd_run(args) -> int:
     from fssam_deploy.episode_files import load_supports, plan_outputs, segment_queries
     from fssam_deploy.imageio import check_readable, list_images, read_image, write_logits, write_mask, write_overlay
 
+    backend = registry.get(args.backend)
+    if backend.engine_format and not args.engine_dir:
+        raise FSSAMError(f"--backend {args.backend} needs --engine-dir (written by `{backend.engine_source}`)")
     device = check_device(args.device)
     check_positive("--batch", args.batch)
-    registry.get(args.backend).check(device)
+    backend.check(device)
     queries = list_images(args.query)
     plans = plan_outputs(queries, args.out, args.logits, args.overlay, inputs=[*args.support, *args.support_mask])
     check_readable([p.query for p in plans])
@@ -122,13 +146,18 @@ def cmd_bench(args) -> int:
     for name in names:
         registry.get(name).check(device)
     batches, shots = parse_int_list("--batch", args.batch), parse_int_list("--shots", args.shots)
+    threads = None if args.threads is None else check_positive("--threads", args.threads)
+    if args.engine_dir is not None:
+        check_engine_dir("--engine-dir", args.engine_dir, names)
+    if args.out:
+        check_writable_folder(args.out, f"--out {args.out}")
     cfg = config_from_args(args, shots=shots[0])  # --engine-dir serves the first shot count
     if not args.checkpoint:
         warn_random("Latency is real, masks are not.", args.seed)
     st = BenchSettings(backends=names, batches=batches, shots=shots, cfg=cfg,
                        warmup=check_positive("--warmup", args.warmup, 0), iters=check_positive("--iters", args.iters),
                        device=str(device), checkpoint=args.checkpoint, seed=args.seed, engine_dir=args.engine_dir,
-                       threads=args.threads)
+                       threads=threads)
     result = run_bench(st, args.out, progress=not args.no_progress)
     print(markdown_table(result))
     if args.out:
@@ -175,6 +204,7 @@ def cmd_build(args) -> int:
 
     backend = registry.build_formats()[args.format]
     device = check_device(args.device)
+    backend.check(device)
     check_output_dir(args.out, force=args.force)
     cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
     if args.onnx_dir is None and not has_checkpoint(args):
@@ -197,6 +227,11 @@ def cmd_verify(args) -> int:
     from fssam_deploy.verify import verify
 
     check_positive("--batch", args.batch)
+    check_device(args.device)
+    if args.json:
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json}: is a folder; give a file name for the JSON report")
+        check_writable_folder(Path(args.json).parent, f"--json {args.json}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch, device=args.device)
@@ -305,11 +340,13 @@ def add_demo_bench_parsers(sub) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: demo, run, export, build, "
-                                "verify, bench")
+                                "verify, bench, eval, serve, client")
     sub = p.add_subparsers(dest="command", required=True)
     add_demo_bench_parsers(sub)
     add_run_parser(sub)
     add_artifact_parsers(sub)
+    add_eval_parser(sub, add_model_flags, config_from_args)
+    add_serve_parsers(sub, add_model_flags, config_from_args)
     return p
 
 

@@ -92,8 +92,10 @@ class FSSAMClient:
         self.close()
 
     def is_ready(self) -> bool:
+        """The server is up and the three models are loaded."""
         try:
-            return bool(self._client.is_server_ready())
+            return bool(self._client.is_server_ready()) and all(
+                self._client.is_model_ready(m) for m in (SEGMENT, REGISTER, SEGMENT_CACHED))
         except Exception:  # noqa: BLE001 - any transport error means: not ready
             return False
 

@@ -193,6 +193,8 @@ def plan_outputs(queries: Iterable, out, logits=None, overlay=None, inputs: Iter
         if value is None:
             continue
         flag = OUTPUT_KINDS[kind][0]
+        if not str(value).strip():
+            raise ConfigError(f"{flag} is empty; give a file name or a folder (ending in /)")
         paths = _paths_for(kind, value, queries, names)
         _check_inputs_kept(flag, value, paths, queries, protected)
         planned[flag] = (str(value), paths)

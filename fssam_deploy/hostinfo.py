@@ -118,3 +118,8 @@ def host_summary(threads: int | None = None) -> str:
     info = cpu_info()
     n = threads if threads is not None else torch.get_num_threads()
     return f"{info['model']} ({info['arch']}; {isa_summary(info['features'])}), {n} thread{'s' if n != 1 else ''}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (py-cpuinfo), e.g. for a manifest or a report."""
+    return cpu_info()["model"]

@@ -49,8 +49,8 @@ def read_json(path: Path, what: str, rebuild: str) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EngineError(f"{path}: no {what}; {rebuild}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{path}: unreadable {what} ({exc}); {rebuild}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and Unicode decode errors
+        raise EngineError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc)[:200]}); {rebuild}") from None
     if not isinstance(data, dict):
         raise EngineError(f"{path}: {what} is not a JSON object; {rebuild}")
     return data
@@ -94,11 +94,17 @@ class Manifest:
     def __contains__(self, key) -> bool:
         return key in self.data
 
+    def items(self):
+        return self.data.items()
+
+    def keys(self):
+        return self.data.keys()
+
     @property
     def config(self) -> FSSAMConfig:
         try:
             return FSSAMConfig.from_dict(self.data["config"])
-        except (ConfigError, TypeError) as exc:
+        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
             raise EngineError(f"{self.path}: recorded config is invalid ({exc}); {self.rebuild}") from None
 
     @property

@@ -68,9 +68,9 @@ TARGETS = {"fp32": Targets(STAGE_RTOL, EPISODE_ATOL, EPISODE_IOU), "fp16": Targe
 @dataclass
 class VerifyReport:
     precision: str = "fp32"
-    backend: str = "onnxruntime"
     rows: list[dict] = field(default_factory=list)
     episode: dict = field(default_factory=dict)
+    backend: str = "onnxruntime"
 
     @property
     def passed(self) -> bool:
@@ -142,7 +142,7 @@ def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 
         targets = _targets(engine_dir, precision)
         cfg, weights = weights_for(episode.manifest, checkpoint)
         stages = build_stages(weights, attention_backend="torch")
-        report = VerifyReport(precision, backend.family)
+        report = VerifyReport(precision, backend=backend.family)
         for name, spec in STAGE_SPECS.items():
             report.rows += verify_runner(episode.runners[name], spec, stage_module(stages, name), cfg, targets, batch,
                                          seed)

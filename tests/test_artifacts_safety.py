@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fssam_deploy.artifacts import atomic_dir, check_output_dir
-from fssam_deploy.atomic import clean_stale_temps, is_artifact_dir, scratch_dir
+from fssam_deploy.atomic import atomic_dir, check_output_dir, clean_stale_temps, is_artifact_dir, scratch_dir
 from fssam_deploy.errors import ConfigError
 
 

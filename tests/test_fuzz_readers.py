@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fssam_deploy.artifacts import read_json_manifest
 from fssam_deploy.errors import FSSAMError
 from fssam_deploy.imageio import read_image, read_mask
+from fssam_deploy.manifest import Manifest
 from fssam_deploy.model.checkpoint import read_checkpoint
 
 EXAMPLES = {"image": 400, "mask": 400, "checkpoint": 300, "manifest": 400}
@@ -133,7 +133,7 @@ def test_fuzz_read_checkpoint(fuzz_dir, data):
 @given(data=inputs(_manifest_seeds()))
 def test_fuzz_read_json_manifest(fuzz_dir, data):
     def read(p):
-        return read_json_manifest(p, "fssam-onnx/1", "missing", "re-export with `fssam export`")
+        return Manifest.read(p.parent, "fssam-onnx/1", "re-export with `fssam export`", filename=p.name).data
 
     manifest = _only_ours(read, fuzz_dir / "manifest.json", data)
     assert manifest is None or (isinstance(manifest, dict) and manifest["format"] == "fssam-onnx/1")

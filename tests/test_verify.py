@@ -109,10 +109,10 @@ def test_unknown_precision_is_refused(graphs, tmp_path):
     """A manifest of another precision (e.g. a newer exporter's) is refused before anything runs."""
     src = graphs["fp32"].parent
     manifest = json.loads((src / "manifest.json").read_text())
-    manifest["precision"] = "int8"
+    manifest["precision"] = "int4"
     for name in STAGE_SPECS:  # read_manifest wants every stage's file; verify must stop before using them
         manifest["stages"][name] = {**manifest["stages"][STAGE], "file": f"{STAGE}.onnx"}
     shutil.copy(graphs["fp32"], tmp_path / f"{STAGE}.onnx")
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match=r"manifest.json: precision 'int8' has no verify targets; known: \['fp32', "):
+    with pytest.raises(EngineError, match=r"manifest.json: precision 'int4' has no verify targets; known: \['fp32', "):
         verify(tmp_path)

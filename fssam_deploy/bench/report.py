@@ -32,39 +32,121 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BASELINE = "torch"  # PyTorch eager fp32: every speed-up is over it
+BF16_BASELINE = "torch-bf16"  # bf16 autocast, the reference's own reduced precision
+
+
+def speedups(rows: list[dict]) -> dict[tuple, dict]:
+    """{(backend, shots, batch): {"vs_torch", "vs_torch_bf16"}}: episode median speed-up over the baseline rows
+    of the same (shots, batch) (None where that baseline was not run)."""
+    base = {(r["backend"], r["shots"], r["batch"]): r["episode"]["median_ms"] for r in rows}
+    out = {}
+    for r in rows:
+        k, b, ms = r["shots"], r["batch"], r["episode"]["median_ms"]
+        fp32, bf16 = base.get((BASELINE, k, b)), base.get((BF16_BASELINE, k, b))
+        out[(r["backend"], k, b)] = {"vs_torch": fp32 / ms if fp32 else None,
+                                     "vs_torch_bf16": bf16 / ms if bf16 else None}
+    return out
+
+
+def _bar_label(row: dict, up: dict) -> str:
+    """What is written on a bar: the speed-up, the mask IoU against torch fp32, the speed-up over bf16."""
+    lines = [f"{up['vs_torch']:.2f}x" if up["vs_torch"] is not None else f"{row['episode']['median_ms']:.0f} ms"]
+    if row.get("mask_iou") is not None:
+        lines.append(f"IoU {row['mask_iou']:.3f}")
+    if up["vs_torch_bf16"] is not None and row["backend"] != BF16_BASELINE:
+        lines.append(f"{up['vs_torch_bf16']:.2f}x bf16")
+    return "\n".join(lines)
+
+
+def _plot_speedups(ax, rows: list[dict], backends: list[str], colors: dict) -> None:
+    """Grouped bars, one group per (shots, batch): each backend's episode speed-up over torch fp32."""
+    ups = speedups(rows)
+    groups = sorted({(r["shots"], r["batch"]) for r in rows})
+    have_base = all((BASELINE, k, b) in ups for k, b in groups)
+    width = 0.8 / len(backends)
+    top = 0.0
+    for gi, (k, b) in enumerate(groups):
+        for bi, name in enumerate(backends):
+            row = next((r for r in rows if (r["backend"], r["shots"], r["batch"]) == (name, k, b)), None)
+            if row is None:
+                continue
+            up = ups[(name, k, b)]
+            height = up["vs_torch"] if have_base else row["episode"]["median_ms"]
+            x = gi - 0.4 + width * (bi + 0.5)
+            ax.bar(x, height, width * 0.92, color=colors[name], label=name if gi == 0 else None)
+            ax.text(x, height, _bar_label(row, up), ha="center", va="bottom", fontsize=7, linespacing=1.1)
+            top = max(top, height)
+    ax.set_xticks(range(len(groups)), [f"K={k} shot{'s' if k > 1 else ''}, B={b}" for k, b in groups])
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.set_ylim(0, top * 1.3 or 1)
+    if have_base:
+        ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
+        ax.set_ylabel("episode speed-up over torch fp32 (x)")
+        bf16 = any(r["backend"] == BF16_BASELINE for r in rows)
+        ax.set_title("Episode speed-up over PyTorch fp32 eager\n(on each bar: speed-up, mask IoU vs torch fp32"
+                     + (", speed-up over torch-bf16)" if bf16 else ")"), fontsize=10)
+    else:
+        ax.set_ylabel("episode median (ms)")
+        ax.set_title("Episode latency (no torch fp32 row to compute speed-ups over)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="backend",
+              title_fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _plot_stages(ax, rows: list[dict], colors: list) -> None:
+    """Horizontal stacked bars: each row's median stage times (ms), the total at the end."""
+    from fssam_deploy.stages import STAGE_SPECS
+
+    names = [n for n in STAGE_SPECS if any(n in r["stages_ms"] for r in rows)]
+    names += sorted({n for r in rows for n in r["stages_ms"]} - set(names))
+    order = sorted(rows, key=lambda r: (r["shots"], r["batch"]))
+    labels = [f"{r['backend']}  K={r['shots']} B={r['batch']}" for r in order]
+    left = [0.0] * len(order)
+    for i, n in enumerate(names):
+        vals = [r["stages_ms"].get(n, 0.0) for r in order]
+        ax.barh(range(len(order)), vals, left=left, color=colors[i % len(colors)], label=n, height=0.7)
+        left = [a + v for a, v in zip(left, vals)]
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.0f} ms", va="center", fontsize=7)
+    for y in range(1, len(order)):  # a rule between (shots, batch) groups
+        if (order[y]["shots"], order[y]["batch"]) != (order[y - 1]["shots"], order[y - 1]["batch"]):
+            ax.axhline(y - 0.5, color="0.5", lw=0.8)
+    ax.set_yticks(range(len(order)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left or [1]) * 1.15)
+    ax.set_xlabel("ms per episode (sum of stage medians)")
+    ax.set_title("Per-stage breakdown", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="stage",
+              title_fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def plot(result: dict, path: Path) -> None:
-    """Stage latency stacked per backend (largest batch, first K), and throughput against batch."""
+    """Top: each backend's episode speed-up over torch fp32 (bars grouped per (shots, batch), mask IoU and the
+    speed-up over torch-bf16 written on each). Bottom: the per-stage breakdown (ms) of every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    k0 = rows[0]["shots"]
-    b1 = min(r["batch"] for r in rows)
-    sel = [r for r in rows if r["shots"] == k0 and r["batch"] == b1]
-    names = sorted({k for r in sel for k in r["stages_ms"]})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bottom = [0.0] * len(sel)
-    for n in names:
-        vals = [r["stages_ms"].get(n, 0.0) for r in sel]
-        ax1.bar([r["backend"] for r in sel], vals, bottom=bottom, label=n)
-        bottom = [a + b for a, b in zip(bottom, vals)]
-    ax1.set_ylabel("ms per episode")
-    ax1.set_title(f"stage latency, K={k0}, B={b1}")
-    ax1.legend(fontsize=8)
-    for name in sorted({r["backend"] for r in rows}):
-        for k in sorted({r["shots"] for r in rows}):
-            pts = sorted((r["batch"], r["episodes_per_s"], r["cached_queries_per_s"]) for r in rows
-                         if r["backend"] == name and r["shots"] == k)
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} K={k} episodes/s")
-            ax2.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label=f"{name} K={k} cached queries/s")
-    ax2.set_xlabel("batch")
-    ax2.set_ylabel("per second")
-    ax2.set_title("throughput")
-    ax2.legend(fontsize=7)
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    colors = {name: cmap(i % 10) for i, name in enumerate(backends)}
+    groups = len({(r["shots"], r["batch"]) for r in rows})
+    width = max(8.0, 2.8 + groups * (0.75 * len(backends) + 0.6))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(width, 5.0 + 0.28 * len(rows)),
+                                   gridspec_kw={"height_ratios": [1.25, 0.35 + 0.06 * len(rows)]})
+    _plot_speedups(ax1, rows, backends, colors)
+    _plot_stages(ax2, rows, [plt.get_cmap("Set2")(i) for i in range(8)])
+    env = result.get("environment", {})
+    host = env.get("host") or env.get("cpu") or env.get("gpu") or env.get("processor", "")
+    cfg = result.get("config", {})
+    fig.suptitle(f"{cfg.get('sam2_config', '')} + {cfg.get('dino', '')}, {cfg.get('image_size', '')} px on {host}",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from fssam_deploy.backends.registry import get, open_backend
 from fssam_deploy.bench.timing import Stats, Timer, current_rss_mb, peak_rss_mb, synchronize
+from fssam_deploy.hostinfo import cpu_info, host_summary
 from fssam_deploy.manifest import folder_format
 from fssam_deploy.model.checkpoint import make_weights
 from fssam_deploy.model.config import FSSAMConfig
@@ -79,6 +80,8 @@ def environment(st: BenchSettings) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "device": st.device}
+    env["host"] = host_summary(torch.get_num_threads())  # CPU model and the ISA features that matter
+    env["cpu"] = cpu_info()
     if torch.device(st.device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(st.device)
     for mod in ("onnxruntime", "triton"):

@@ -155,7 +155,8 @@ def default_base_list(dataset: str, data_root: Path) -> tuple[list[Pair], str]:
     return [(f"val2014/{p.stem}.jpg", f"annotations/val2014/{p.name}") for p in sorted(ann.glob("*.png"))], str(ann)
 
 
-def open_lists(dataset: str, data_root: str | os.PathLike, fold: int, lists: str | os.PathLike | None = None) -> FSSList:
+def open_lists(dataset: str, data_root: str | os.PathLike, fold: int,
+               lists: str | os.PathLike | None = None) -> FSSList:
     """The fold's lists: `lists` holds the reference's `fss_list/val/` files (or them directly), else a base
     `val.txt` to build from; without `lists` the base list comes from the layout (`default_base_list`)."""
     classes = fold_classes(dataset, fold)

@@ -96,29 +96,36 @@ def dino_hub_to_timm(sd: dict, vit: torch.nn.Module) -> dict:
     return checkpoint_filter_fn(dict(sd), vit)
 
 
-def load_weights(
-    weights: FSSAMWeights,
-    checkpoint: str | os.PathLike | None = None,
-    sam2_checkpoint: str | os.PathLike | None = None,
-    dino_checkpoint: str | os.PathLike | None = None,
-) -> None:
-    """Load an FSSAM checkpoint, or a SAM 2 official checkpoint plus a DINOv2 hub state dict."""
+def read_weight_files(checkpoint=None, sam2_checkpoint=None, dino_checkpoint=None) -> tuple[tuple, tuple]:
+    """((SAM 2 state dict, file, label), (DINOv2 hub state dict, file, label)) from an FSSAM checkpoint, or a SAM 2
+    official checkpoint plus a DINOv2 hub state dict: read and checked before any model is built."""
     if checkpoint is not None:
         if sam2_checkpoint or dino_checkpoint:
             raise CheckpointError("give either an FSSAM checkpoint or SAM 2 + DINOv2 checkpoints, not both")
         sam2_sd, dino_sd = split_fssam_state_dict(read_checkpoint(checkpoint), checkpoint)
-        load_strict(weights.sam2, sam2_sd, checkpoint, "SAM 2 (sam2.*)")
-        load_strict(weights.dino, dino_hub_to_timm(dino_sd, weights.dino), checkpoint, "DINOv2 (dino.*)")
-        return
+        return (sam2_sd, checkpoint, "SAM 2 (sam2.*)"), (dino_sd, checkpoint, "DINOv2 (dino.*)")
     if not (sam2_checkpoint and dino_checkpoint):
         raise CheckpointError("without an FSSAM checkpoint, both a SAM 2 and a DINOv2 checkpoint are needed")
     obj = read_checkpoint(sam2_checkpoint)
     if "model" not in obj:
         raise CheckpointError(f"{sam2_checkpoint}: not a SAM 2 checkpoint (no 'model' key; keys: {list(obj)[:5]})")
-    load_strict(weights.sam2, obj["model"], sam2_checkpoint, "SAM 2")
     dino_sd = read_checkpoint(dino_checkpoint)
-    dino_sd = dino_sd.get("model", dino_sd)
-    load_strict(weights.dino, dino_hub_to_timm(dino_sd, weights.dino), dino_checkpoint, "DINOv2")
+    return (obj["model"], sam2_checkpoint, "SAM 2"), (dino_sd.get("model", dino_sd), dino_checkpoint, "DINOv2")
+
+
+def load_weights(
+    weights: FSSAMWeights,
+    checkpoint: str | os.PathLike | None = None,
+    sam2_checkpoint: str | os.PathLike | None = None,
+    dino_checkpoint: str | os.PathLike | None = None,
+    files: tuple | None = None,
+) -> None:
+    """Load an FSSAM checkpoint, or a SAM 2 official checkpoint plus a DINOv2 hub state dict (`files`: what
+    `read_weight_files` already read)."""
+    (sam2_sd, sam2_path, sam2_what), (dino_sd, dino_path, dino_what) = files or read_weight_files(
+        checkpoint, sam2_checkpoint, dino_checkpoint)
+    load_strict(weights.sam2, sam2_sd, sam2_path, sam2_what)
+    load_strict(weights.dino, dino_hub_to_timm(dino_sd, weights.dino), dino_path, dino_what)
 
 
 def dino_timm_to_hub(vit: torch.nn.Module) -> dict:
@@ -169,9 +176,12 @@ RANDOM_WEIGHTS_WARNING = (
 def make_weights(cfg, checkpoint=None, sam2_checkpoint=None, dino_checkpoint=None, seed: int = 0,
                  warn: bool = True) -> FSSAMWeights:
     """The weights every command uses: loaded from the checkpoint(s), or drawn from `seed` (with a warning)."""
+    files = None
+    if checkpoint or sam2_checkpoint or dino_checkpoint:  # a bad file fails before the model is built
+        files = read_weight_files(checkpoint or None, sam2_checkpoint, dino_checkpoint)
     weights = random_weights(cfg, seed)
-    if checkpoint or sam2_checkpoint or dino_checkpoint:
-        load_weights(weights, checkpoint, sam2_checkpoint, dino_checkpoint)
+    if files is not None:
+        load_weights(weights, files=files)
     elif warn:
         warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
     return weights

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fssam_deploy.artifacts import atomic_dir
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.errors import ConfigError
 from fssam_deploy.manifest import MANIFEST, Manifest, weights_id
 from fssam_deploy.model.checkpoint import make_weights

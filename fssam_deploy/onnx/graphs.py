@@ -22,7 +22,9 @@ def save_graph(model, path: Path) -> None:
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.save(model, str(path))
     else:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving as external data rewrites the initializers it is given
+        onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=sidecar.name, size_threshold=1024)
 
 

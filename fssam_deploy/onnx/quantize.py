@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fssam_deploy.artifacts import atomic_dir
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.errors import ConfigError, EngineError
 from fssam_deploy.model.checkpoint import file_sha256
 from fssam_deploy.model.config import FSSAMConfig

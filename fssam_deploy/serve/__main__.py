@@ -7,15 +7,15 @@ import sys
 
 from fssam_deploy.cli import add_model_flags, config_from_args
 from fssam_deploy.errors import FSSAMError
-from fssam_deploy.serve.cli import add_serve_parsers, cmd_client, cmd_serve
+from fssam_deploy.serve.cli import add_serve_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fssam_deploy.serve")
-    add_serve_parsers(parser.add_subparsers(dest="command", required=True), add_model_flags)
+    add_serve_parsers(parser.add_subparsers(dest="command", required=True), add_model_flags, config_from_args)
     args = parser.parse_args(argv)
     try:
-        return cmd_serve(args, config_from_args) if args.command == "serve" else cmd_client(args)
+        return args.func(args)
     except FSSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -12,8 +12,11 @@ from pathlib import Path
 from fssam_deploy.errors import InputError
 
 
-def add_serve_parsers(subparsers, add_model_flags) -> None:
-    """Add `serve` and `client` to an argparse subparsers object; `add_model_flags(parser)` adds the model flags."""
+def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> None:
+    """Add `serve` and `client` to an argparse subparsers object; `add_model_flags(parser)` adds the model flags.
+
+    With `config_from_args(args, shots) -> FSSAMConfig` (the CLI's), each subcommand's `func` default is set
+    (`args.func(args)` runs it)."""
     p = subparsers.add_parser("serve", help="serve FSSAM on Triton (PyTriton): segment, register, segment_cached",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p)
@@ -34,11 +37,14 @@ def add_serve_parsers(subparsers, add_model_flags) -> None:
     p.add_argument("--max-supports", type=int, default=16, help="refuse more supports per request")
     p.add_argument("--exit-timeout", type=int, default=10, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--verbose", action="store_true", help="print Triton's log")
+    if config_from_args is not None:
+        p.set_defaults(func=lambda args: cmd_serve(args, config_from_args))
 
     c = subparsers.add_parser("client", help="talk to `fssam serve`: register a support set, segment queries")
     c.add_argument("--url", default="127.0.0.1:8000", help="host:port of the server's HTTP (or gRPC) endpoint")
     c.add_argument("--protocol", default="http", choices=("http", "grpc"))
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    c.set_defaults(func=cmd_client)
     sub = c.add_subparsers(dest="client_cmd", required=True)
     r = sub.add_parser("register", help="encode a support set on the server; prints its support id last")
     r.add_argument("--support", action="append", required=True, help="support image (repeat for K shots)")

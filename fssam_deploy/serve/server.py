@@ -27,6 +27,8 @@ from fssam_deploy.errors import BackendUnavailableError, ConfigError, EngineErro
 from fssam_deploy.serve.codec import Limits
 from fssam_deploy.serve.models import FSSAMService, bind_models
 
+START_ATTEMPTS = 3
+
 
 @dataclass
 class ServeSettings:
@@ -158,14 +160,23 @@ class FSSAMServer:
         # statistics stay readable (the benchmark reads /v2/models/<m>/stats); the rest keeps PyTriton's token
         security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace",
                                                               "logging"])
-        self.triton = Triton(config=config, security_config=security)
-        try:
-            bind_models(self.triton, self.service, st.instances, st.max_batch, st.queue_delay_us)
-            with _EnvPrefix(server_env_libdir()):
-                self.triton.run()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.triton = Triton(config=config, security_config=security)
+            try:
+                bind_models(self.triton, self.service, st.instances, st.max_batch, st.queue_delay_us)
+                with _EnvPrefix(server_env_libdir()):
+                    self.triton.run()
+                return self
+            except Exception as exc:
+                # PyTriton's stub <-> process handshake has a fixed 1 s window: on a loaded CPU it can miss it
+                if attempt < START_ATTEMPTS and "waiting for config file" in str(exc):
+                    self.triton.stop()
+                    continue
+                self.stop()
+                raise
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def is_alive(self) -> bool:

@@ -6,6 +6,7 @@ import json
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,18 +17,17 @@ from fssam_deploy.episode import run_stage
 from fssam_deploy.errors import EngineError, InputError
 from fssam_deploy.model import FSSAMConfig, Pipeline, build_stages, random_weights
 from fssam_deploy.onnx.export import check_graph, export_onnx, read_manifest
+from fssam_deploy.onnx.plugin_variant import PLUGIN_MANIFEST, read_plugin_variants
 from fssam_deploy.stages import STAGE_SPECS, stage_module
-from tests.helpers import make_episode
+from tests.helpers import folder_files, make_episode
 
 TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-size", "256"]
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    """All six graphs, dynamic batch, exported through the CLI (`fssam export`)."""
-    out = tmp_path_factory.mktemp("onnx") / "graphs"
-    assert main(["export", *TINY, "--seed", "0", "--batch", "dynamic", "--out", str(out), "--no-progress"]) == 0
-    return out
+def engine_dir(tiny_graphs):
+    """All six graphs, dynamic batch, exported through the CLI (`fssam export`): the session's tiny graphs."""
+    return tiny_graphs
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,41 @@ def test_graphs_and_manifest(engine_dir, tiny_cfg):
         assert [i["name"] for i in entry["inputs"]] == STAGE_SPECS[name].input_names
         assert entry["inputs"][0]["shape"][0] == "batch"
     assert not list(engine_dir.parent.glob(".graphs.*")), "temporary export dir left behind"
+
+
+def test_weights_stored_once_and_every_file_listed(engine_dir):
+    """Each graph holds its weights inside (no `.onnx.data` beside it), and the folder holds nothing the manifests
+    (the graphs' and the plugin variants') do not list."""
+    m = read_manifest(engine_dir)
+    variants = read_plugin_variants(engine_dir)
+    listed = m.listed_files() | {PLUGIN_MANIFEST} | {e["file"] for e in variants["stages"].values()}
+    assert folder_files(engine_dir) == listed, folder_files(engine_dir) ^ listed
+    assert not list(engine_dir.glob("*.data"))
+    for name in m["stages"]:
+        assert "data_files" not in m["stages"][name]  # under protobuf's 2 GB: one file per stage
+
+
+def test_large_graph_keeps_weights_in_one_data_file(tmp_path, monkeypatch):
+    """Past protobuf's limit a graph is saved as .onnx + one .data, and the manifest entry hashes both."""
+    import onnx
+
+    from fssam_deploy.onnx import graphs
+
+    w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"])
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [w]))
+    path = tmp_path / "big.onnx"
+    (tmp_path / "big.onnx.data").write_bytes(b"stale sidecar from the exporter")
+    monkeypatch.setattr(graphs, "PROTOBUF_LIMIT", 100)
+    graphs.save_graph(model, path)
+    entry = graphs.file_entries(path)
+    assert sorted(folder_files(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    assert list(entry["data_files"]) == ["big.onnx.data"] and entry["file"] == "big.onnx"
+    monkeypatch.setattr(graphs, "PROTOBUF_LIMIT", 2**31)
+    graphs.save_graph(model, path)  # back under the limit: the sidecar goes
+    assert sorted(folder_files(tmp_path)) == ["big.onnx"] and "data_files" not in graphs.file_entries(path)
 
 
 def runner(engine_dir, cfg, name, shots=None):
@@ -149,7 +184,7 @@ def test_5shot_stages(tmp_path):
 
 
 def test_errors(engine_dir, tiny_cfg, tmp_path):
-    with pytest.raises(EngineError, match="exported for another config.*'shots': \\(1, 5\\)"):
+    with pytest.raises(EngineError, match="for another config.*'shots': \\(1, 5\\)"):
         read_manifest(engine_dir, expect=tiny_cfg.replace(shots=5))
     broken = tmp_path / "broken"
     shutil.copytree(engine_dir, broken)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from fssam_deploy.backends.onnxruntime.runner import OnnxRuntimeRunner
 from fssam_deploy.errors import ConfigError, EngineError
 from fssam_deploy.model.checkpoint import file_sha256
 from fssam_deploy.onnx import quantize as q
-from fssam_deploy.onnx.export import MANIFEST, export_onnx, read_manifest
+from fssam_deploy.onnx.export import MANIFEST, read_manifest
 from fssam_deploy.stages import STAGE_SPECS
 from tests.helpers import make_episode
 
@@ -31,16 +30,13 @@ MIN_IOU = 0.97
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory, tiny_cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_onnx(tiny_cfg, tmp_path_factory.mktemp("fp32") / "graphs", seed=0, batch="dynamic",
-                           progress=False)
+def fp32_dir(tiny_graphs):
+    return tiny_graphs  # the session's tiny fp32 graphs (dynamic batch, seed 0), read-only
 
 
 @pytest.fixture(scope="module")
-def int8_dir(fp32_dir):
-    return q.quantize_engine_dir(fp32_dir, fp32_dir.parent / "int8")
+def int8_dir(fp32_dir, tmp_path_factory):
+    return q.quantize_engine_dir(fp32_dir, tmp_path_factory.mktemp("int8") / "int8")
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +182,11 @@ def test_failure_leaves_nothing_behind(fp32_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     dst.mkdir()
     (dst / "keep.txt").write_text("previous engine dir")
+    (dst / "manifest.json").write_text('{"format": "fssam-onnx/1"}')  # an engine dir of ours: may be replaced
     with pytest.raises(RuntimeError, match="quantizer crashed"):
         q.quantize_engine_dir(fp32_dir, dst)
-    assert [p.name for p in tmp_path.iterdir()] == ["int8"] and [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt", "manifest.json"]
 
 
 def test_errors(fp32_dir, int8_dir, tmp_path):

@@ -37,7 +37,7 @@ def episode_files(tmp_path_factory):
     out = {"query": [], "supports": [], "masks": []}
     for e, (h, w) in enumerate([(200, 300), (240, 180)]):
         q, _, sup, masks = synthetic_episode(320, shots=2, seed=10 + e)
-        crop = lambda a: a[:h, :w]  # noqa: E731
+        crop = lambda a, h=h, w=w: a[:h, :w]  # noqa: E731
         qp = d / f"q{e}.jpg"
         qp.write_bytes(jpeg_bytes(crop(q)))
         sp, mp = [], []

@@ -21,7 +21,8 @@ def _set(seed=0, n=1):
 
 def _feats(nbytes=4096, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"memory": torch.randn(1, 1, nbytes // 8, generator=g), "obj_ptr": torch.randn(1, 1, nbytes // 8, generator=g)}
+    return {"memory": torch.randn(1, 1, nbytes // 8, generator=g),
+            "obj_ptr": torch.randn(1, 1, nbytes // 8, generator=g)}
 
 
 def test_support_id_is_content_hash():

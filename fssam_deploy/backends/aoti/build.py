@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fssam_deploy.artifacts import atomic_dir
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.backends.aoti.autocast import AUTOCAST_DTYPES, AutocastStage
 from fssam_deploy.backends.aoti.manifest import MANIFEST, build_manifest, device_info, weights_id
 from fssam_deploy.errors import ConfigError

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fssam_deploy.artifacts import cpu_name
 from fssam_deploy.errors import EngineError
+from fssam_deploy.hostinfo import cpu_name
 from fssam_deploy.manifest import MANIFEST, Manifest, weights_id  # noqa: F401
 from fssam_deploy.model.config import FSSAMConfig
 

@@ -45,7 +45,12 @@ class AotiRunner(Runner):
 
     def activate_impl(self) -> None:
         index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
-        self.model = torch._inductor.aoti_load_package(str(self.path), device_index=index)
+        try:
+            self.model = torch._inductor.aoti_load_package(str(self.path), device_index=index)
+        except Exception as exc:  # noqa: BLE001 - RuntimeError (zip, .so), KeyError, ...: an unloadable package
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{self.path}: cannot load the package of stage {self.spec.name!r} "
+                              f"({type(exc).__name__}: {reason}); {REBUILD}") from None
         stage = self.model.get_metadata().get("fssam_stage")
         if stage is not None and stage != self.spec.name:
             raise EngineError(f"{self.path}: package holds stage {stage!r}, not {self.spec.name!r}; {REBUILD}")

@@ -52,8 +52,18 @@ class OnnxRuntimeRunner(Runner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         from fssam_deploy.onnx.bf16 import ort_model
 
-        self.session = ort.InferenceSession(ort_model(self.path, self.precision), opts,
-                                            providers=available_providers(self.device))
+        rebuild = f"export the graphs again with `fssam export --out {self.path.parent}`"
+        try:
+            self.session = ort.InferenceSession(ort_model(self.path, self.precision), opts,
+                                                providers=available_providers(self.device))
+        except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, InvalidGraph, ...: a broken graph file
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{self.path}: ONNX Runtime cannot load the graph of stage {self.spec.name!r} "
+                              f"({type(exc).__name__}: {reason}); {rebuild}") from None
+        outputs = sorted(o.name for o in self.session.get_outputs())
+        if outputs != sorted(self.spec.output_names):
+            raise EngineError(f"{self.path}: graph outputs {outputs} are not those of stage {self.spec.name!r} "
+                              f"({sorted(self.spec.output_names)}): another stage's graph? {rebuild}")
         self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
                              for i in self.session.get_inputs()}
         self.prunable_inputs = frozenset(self.spec.input_names) - set(self.input_shapes)

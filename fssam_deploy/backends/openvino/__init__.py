@@ -2,9 +2,10 @@
 
 `openvino`: fp32 IR compiled with `INFERENCE_PRECISION_HINT` f32, set explicitly (on CPUs with AMX or
 AVX512-BF16, OpenVINO's default is bf16). `openvino-bf16`: the same IR with the bf16 hint (native on AMX /
-AVX512-BF16 CPUs; elsewhere OpenVINO ignores it and the episode's settings say so). `openvino-int8`: the image
-encoder and DINOv2 quantized by NNCF on synthetic episodes (or `--calibration-dir` images), fp32 cones as the
-ONNX int8 path keeps them. Nothing here imports OpenVINO until an IR folder is built or loaded.
+AVX512-BF16 CPUs; elsewhere OpenVINO ignores it and the episode's settings say so). `openvino-int8`: DINOv2
+quantized by NNCF on synthetic episodes (or `--calibration-dir` images); the image encoder stays fp32 by default
+(its int8 form, with the ONNX path's fp32 cones, cost mask IoU: `quantize.QUANTIZED_STAGES`).
+Nothing here imports OpenVINO until an IR folder is built or loaded.
 
 Why plain OpenVINO and not ONNX Runtime's OpenVINO execution provider: see `benchmarks/bench_openvino.py`
 (`--ep`); the provider runs the same CPU plugin behind ONNX Runtime's session, needs its own onnxruntime build
@@ -79,8 +80,8 @@ for _b in (
     Backend("openvino-bf16", summary="OpenVINO fp32 IR under INFERENCE_PRECISION_HINT bf16 (AMX / AVX512-BF16 "
             "CPUs; f32 elsewhere)", load=_load("bf16", "openvino-bf16"), requires=("openvino",), extra="openvino",
             engine_source=f"{ENGINE_SOURCE} --precision bf16", precision="bf16", accuracy="fast", **_COMMON),
-    Backend("openvino-int8", summary="OpenVINO IR, image encoder and DINOv2 int8 (NNCF, fp32 cones for the "
-            "high-res features)", load=_load("int8", "openvino-int8"), requires=("openvino", "nncf"),
+    Backend("openvino-int8", summary="OpenVINO IR, DINOv2 int8 (NNCF post-training, attention "
+            "kept fp32)", load=_load("int8", "openvino-int8"), requires=("openvino", "nncf"),
             extra="openvino", engine_source=f"{ENGINE_SOURCE} --precision int8", precision="int8", accuracy="fast",
             **_COMMON),
 ):

@@ -3,8 +3,8 @@
 Per stage: `openvino.convert_model(<stage>.onnx)`, reshaped to a static batch when asked, saved with
 `openvino.save_model(..., compress_to_fp16=False)` (weights stay fp32: precision is the runtime's choice).
 `--precision bf16` writes the same fp32 IR and records `INFERENCE_PRECISION_HINT` bf16 for the runner;
-`--precision int8` quantizes the image encoder and DINOv2 with NNCF (`openvino.quantize`). All of it is
-written into a temporary sibling folder swapped in at the end (`artifacts.atomic_dir`).
+`--precision int8` quantizes DINOv2 (`quantize.QUANTIZED_STAGES`) with NNCF (`openvino.quantize`).
+All of it is written into a temporary sibling folder swapped in at the end (`artifacts.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fssam_deploy.artifacts import atomic_dir
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.backends.openvino.manifest import PRECISIONS, build_manifest
 from fssam_deploy.backends.openvino.runner import import_openvino
 from fssam_deploy.errors import ConfigError, EngineError
@@ -57,8 +57,8 @@ def build_openvino(onnx_dir: str | Path, out_dir: str | Path, precision: str = "
                    seed: int = 0, threads: int | None = None) -> Path:
     """Write an OpenVINO IR folder at `out_dir` from the fp32 ONNX folder `onnx_dir` (`fssam export`).
 
-    precision: "fp32", "bf16" (fp32 IR, bf16 inference hint) or "int8" (NNCF post-training quantization of the
-    image encoder and DINOv2, calibrated on `calibration_episodes` synthetic episodes from `seed`, or on the
+    precision: "fp32", "bf16" (fp32 IR, bf16 inference hint) or "int8" (NNCF post-training quantization of
+    `quantize.QUANTIZED_STAGES`, calibrated on `calibration_episodes` synthetic episodes from `seed`, or on the
     images of `calibration_dir`). batch: "dynamic" or a static int. Returns `out_dir`.
     """
     if precision not in PRECISIONS:

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from fssam_deploy.artifacts import atomic_dir
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.backends.tensorrt.manifest import (
     ENGINE_MANIFEST,
     BuildSettings,

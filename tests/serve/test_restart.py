@@ -1,0 +1,75 @@
+"""Servers as processes (`python -m fssam_deploy.serve serve`): a second replica on the session's registry folder,
+SIGTERM with a request in flight (answered, exit 0, registry flushed), and a restart serving the old ids."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.http")
+
+from fssam_deploy.client import FSSAMClient  # noqa: E402
+from fssam_deploy.serve.server import free_port  # noqa: E402
+
+TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-size", "256", "--seed", "0"]
+
+
+class ServerProcess:
+    """`python -m fssam_deploy.serve serve` on free ports; always killed on exit (also on failure)."""
+
+    def __init__(self, registry, log):
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log = open(log, "w")  # noqa: SIM115 - closed in __exit__
+        cmd = [sys.executable, "-m", "fssam_deploy.serve", "serve", *TINY, "--registry", str(registry),
+               "--http-port", str(self.port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--exit-timeout", "20"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        deadline = time.monotonic() + 600
+        with FSSAMClient(self.url, timeout_s=5) as c:
+            while not c.is_ready():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: see {self.log.name}")
+                time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def test_replica_sigterm_restart(server, client, episode_files, registry_dir, tmp_path):
+    f = episode_files
+    sid0 = client.register(f["supports"][0], f["masks"][0])  # registered on the session server
+    want0, _ = client.segment(f["query"][1], support_id=sid0)
+    with ServerProcess(registry_dir, tmp_path / "b.log") as b, FSSAMClient(b.url, timeout_s=300) as cb:
+        np.testing.assert_array_equal(cb.segment(f["query"][1], support_id=sid0)[0], want0)  # second replica
+        sid1 = cb.register(f["supports"][1], f["masks"][1])
+        want1, _ = cb.segment(f["query"][0], support_id=sid1)
+        inflight = {}
+
+        def in_flight():  # its own client: a tritonclient HTTP client is not shared across threads
+            with FSSAMClient(b.url, timeout_s=300) as c:
+                inflight["r"] = c.segment(f["query"][0], supports=f["supports"][1], masks=f["masks"][1])
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        time.sleep(0.3)
+        b.proc.send_signal(signal.SIGTERM)
+        t.join(timeout=300)
+        assert b.proc.wait(timeout=120) == 0, (tmp_path / "b.log").read_text()[-3000:]
+        np.testing.assert_array_equal(inflight["r"][0], want1)  # the request in flight was answered
+    with ServerProcess(registry_dir, tmp_path / "c.log") as c, FSSAMClient(c.url, timeout_s=300) as cc:
+        np.testing.assert_array_equal(cc.segment(f["query"][0], support_id=sid1)[0], want1)  # restart: old ids
+        np.testing.assert_array_equal(cc.segment(f["query"][1], support_id=sid0)[0], want0)
