@@ -61,7 +61,8 @@ class Runner:
                 continue
             want = self.input_shapes[k]
             if t.dtype not in self.input_dtypes:
-                raise InputError(f"{self.name}: input {k!r} must be {self.input_dtypes[0]}, got {t.dtype}")
+                want_dtype = str(self.input_dtypes[0]).removeprefix("torch.")
+                raise InputError(f"{self.name}: input {k!r} must be {want_dtype}, got {t.dtype}")
             if len(want) != t.dim() or any(w is not None and w != g for w, g in zip(want, t.shape)):
                 shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
                 raise InputError(f"{self.name}: input {k!r} has shape {tuple(t.shape)}, the graph expects {shown}")

@@ -21,15 +21,18 @@ from fssam_deploy.stages import STAGE_SPECS
 
 
 class AotiRunner(Runner):
-    """One stage's AOTInductor package: `with AotiRunner(manifest, "decoder", device) as r: r.infer({...})`.
+    """One stage's AOTInductor package: `with AotiRunner(folder, "decoder") as r: r.infer({...})`.
 
-    `manifest`: the folder's (`read_aoti_manifest`). `device`: where to run (default: the device type the
+    `packages`: the folder, or its manifest already read (`read_aoti_manifest`, as the episode hands it in);
+    `expect_config`: refuse packages built for another config. `device`: where to run (default: the device type the
     packages were built for; "cuda:1" picks a GPU). Inputs are moved to it; outputs stay on it. Raises
     EngineError at construction for a missing or modified package.
     """
 
-    def __init__(self, manifest: Manifest, stage: str, device: str | torch.device | None = None):
+    def __init__(self, packages: str | Path | Manifest, stage: str, expect_config: FSSAMConfig | None = None,
+                 device: str | torch.device | None = None):
         super().__init__()
+        manifest = packages if isinstance(packages, Manifest) else read_aoti_manifest(packages, expect_config, device)
         if stage not in STAGE_SPECS:
             raise EngineError(f"{manifest.folder}: stage {stage!r} is not one this version knows; {REBUILD}")
         self.manifest = manifest
@@ -77,7 +80,8 @@ def aoti_episode(package_dir: str | Path, expect_config: FSSAMConfig | None = No
     manifest = read_aoti_manifest(package_dir, expect_config, device)
     manifest.check_stages(STAGE_SPECS)
     device = torch.device(device or manifest["device"]["type"])
-    episode = Episode({name: AotiRunner(manifest, name, device) for name in STAGE_SPECS}, manifest.config, device)
+    runners = {name: AotiRunner(manifest, name, device=device) for name in STAGE_SPECS}
+    episode = Episode(runners, manifest.config, device)
     episode.manifest = manifest
     episode.settings = {"engine_dir": str(package_dir), "package_batch": manifest["batch"],
                         "precision": manifest.get("precision", "fp32"),

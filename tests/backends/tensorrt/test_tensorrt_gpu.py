@@ -62,13 +62,15 @@ def _driver_launch(kernel, n_params: int, pointers, scalars, out, grid, block, s
     torch.cuda.synchronize()
 
 
-@needs_cuda
-@pytest.mark.parametrize("trt_type", ["FP16", "BF16", "FP32"])
-
 @pytest.fixture(scope="module")
 def graphs(tiny_graphs):
     """The session's tiny graphs (with the decoder's plugin variant)."""
     return tiny_graphs
+
+
+@needs_cuda
+@pytest.mark.parametrize("trt_type", ["FP16", "BF16", "FP32"])
+
 
 def test_plugin_kernel_as_tensorrt_launches_it(trt_type):
     pytest.importorskip("cuda.bindings", reason="needs cuda-python (pip install cuda-python)")
