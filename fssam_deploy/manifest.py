@@ -67,14 +67,14 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | Path, fmt: str, rebuild: str, filename: str = MANIFEST,
-             what: str = "artifact folder") -> Manifest:
+             what: str = "artifact folder", missing: str | None = None) -> Manifest:
         """Read and check `folder/filename`: present, JSON, format `fmt`, with `config` and `stages`."""
         folder = Path(folder)
         path = folder / filename
         if not folder.is_dir():
             raise EngineError(f"{folder}: not a folder; {rebuild}")
         if not path.is_file():
-            raise EngineError(f"{path}: no manifest, not an {what}; {rebuild}")
+            raise EngineError(f"{path}: {missing or f'no manifest, not an {what}'}; {rebuild}")
         data = read_json(path, "manifest", rebuild)
         if data.get("format") != fmt:
             raise EngineError(f"{path}: format {data.get('format')!r}, expected {fmt!r} (not an {what}); {rebuild}")
@@ -145,7 +145,7 @@ class Manifest:
                 raise EngineError(f"{path}: {kind} of stage {stage!r} is missing; {self.rebuild}")
             if file_sha256(path) != digest:
                 raise EngineError(f"{path}: {kind} of stage {stage!r} does not match the manifest's sha256 "
-                                  f"(modified or replaced after the build); {self.rebuild}")
+                                  f"(its content was modified or replaced after the build); {self.rebuild}")
         return self.folder / entry["file"]
 
     def listed_files(self) -> set[str]:

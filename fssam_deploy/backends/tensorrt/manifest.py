@@ -224,7 +224,8 @@ def read_trt_manifest(engine_dir: str | Path, expect_config: FSSAMConfig | None 
     """
     engine_dir = Path(engine_dir)
     manifest = Manifest.read(engine_dir, TRT_FORMAT, f"build engines with `fssam build --format tensorrt --onnx-dir "
-                             f"GRAPHS --out {engine_dir}`", filename=ENGINE_MANIFEST, what="TensorRT engine folder")
+                             f"GRAPHS --out {engine_dir}`", filename=ENGINE_MANIFEST, what="TensorRT engine folder",
+                             missing="no engine manifest")
     manifest.rebuild = f"rebuild: {manifest.get('rebuild', 'fssam build --format tensorrt')}"
     manifest.check_config(expect_config, "engines")
     if here is not None:

@@ -243,7 +243,7 @@ def test_runner_errors(engines, graphs, tiny_cfg, tmp_path):
     shutil.copytree(engines["standard"], copy)
     with open(copy / "decoder.engine", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(EngineError, match="engine content does not match"):
+    with pytest.raises(EngineError, match="engine of stage 'decoder' does not match the manifest's sha256"):
         TrtRunner(copy, "decoder")
     manifest = json.loads((copy / "engines.json").read_text())
     manifest["platform"]["tensorrt"] = "0.0.0"
