@@ -396,7 +396,8 @@ def test_manifest_refuses_changed_onnx_and_other_config(engine_dir, tiny_cfg):
 def test_engine_file_checks(engine_dir):
     m = read_trt_manifest(engine_dir, here=HERE)
     (engine_dir / "decoder.engine").write_bytes(b"other bytes")
-    with pytest.raises(EngineError, match=r"decoder.engine: engine of stage 'decoder' does not match the manifest's sha256.*rebuild: fssam build"):
+    with pytest.raises(EngineError, match=r"decoder.engine: engine of stage 'decoder' does not match the manifest's "
+                                          r"sha256.*rebuild: fssam build"):
         check_engine(engine_dir, m, "decoder")
     with pytest.raises(EngineError, match=r"no engine for stage 'prior' \(built: \['decoder'\]\)"):
         check_engine(engine_dir, m, "prior")
