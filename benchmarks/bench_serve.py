@@ -292,7 +292,7 @@ def write(result: dict, out: Path) -> None:
         ax.legend()
         fig.savefig(out / "serve.png", dpi=120, bbox_inches="tight")
     except ImportError:
-        pass
+        print("matplotlib is not installed: no serve.png (pip install 'fssam-deploy[bench]')")
 
 
 if __name__ == "__main__":
