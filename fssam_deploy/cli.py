@@ -55,6 +55,42 @@ def warn_random(what: str, seed: int) -> None:
     print(f"WARNING: no checkpoint given: RANDOM weights (seed {seed}). {what}", file=sys.stderr)
 
 
+def tune_command(args, shots: int) -> str:
+    """The `fssam tune` line for the model flags of `args` (what `--backend auto` asks for when untuned)."""
+    flags = [f"--sam2-config {args.sam2_config}", f"--dino {args.dino}", f"--image-size {args.image_size}",
+             f"--shots {shots}", f"--device {args.device}"]
+    if has_checkpoint(args):
+        flags.insert(0, "--checkpoint CKPT")
+    return "fssam tune " + " ".join(flags)
+
+
+def resolve_auto_backend(args, cfg: FSSAMConfig) -> None:
+    """`--backend auto`: the tuned pick for `--accuracy` and `--engine-dir` replaces it; says which and why."""
+    if args.backend != "auto":
+        return
+    from fssam_deploy.tune import choose
+
+    args.backend, why = choose(cfg, args.device, args.accuracy, args.engine_dir,
+                               tune_command=tune_command(args, cfg.shots))
+    print(why, file=sys.stderr)
+
+
+def resolve_auto_precision(args, cfg: FSSAMConfig, engine_format: str) -> None:
+    if args.precision != "auto":
+        return
+    from fssam_deploy.tune import choose_precision
+
+    args.precision, why = choose_precision(cfg, args.device, args.accuracy, engine_format,
+                                           tune_command=tune_command(args, cfg.shots))
+    print(why, file=sys.stderr)
+
+
+def add_auto_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--accuracy", default="exact", choices=["exact", "fast"],
+                   help=f"with {what} auto: exact = fp32, mask IoU >= 0.999 vs PyTorch fp32; fast = bf16 / int8, "
+                   "IoU >= 0.98 (as measured by `fssam tune` on this machine)")
+
+
 def backend_help(device_note: bool = True) -> str:
     lines = [f"{b}: {registry.get(b).summary}" + (f" [{'/'.join(registry.get(b).devices)}]" if device_note else "")
              for b in registry.names()]
@@ -94,16 +130,17 @@ def cmd_run(args) -> int:
     from fssam_deploy.episode_files import load_supports, plan_outputs, segment_queries
     from fssam_deploy.imageio import check_readable, list_images, read_image, write_logits, write_mask, write_overlay
 
+    device = check_device(args.device)
+    cfg = config_from_args(args, shots=len(args.support))
+    resolve_auto_backend(args, cfg)
     backend = registry.get(args.backend)
     if backend.engine_format and not args.engine_dir:
         raise FSSAMError(f"--backend {args.backend} needs --engine-dir (written by `{backend.engine_source}`)")
-    device = check_device(args.device)
     check_positive("--batch", args.batch)
     backend.check(device)
     queries = list_images(args.query)
     plans = plan_outputs(queries, args.out, args.logits, args.overlay, inputs=[*args.support, *args.support_mask])
     check_readable([p.query for p in plans])
-    cfg = config_from_args(args, shots=len(args.support))
     supports = load_supports(args.support, args.support_mask, cfg.image_size)
     episode = open_episode(args, cfg)
     t0 = time.perf_counter()
@@ -175,6 +212,9 @@ def cmd_export(args) -> int:
         raise FSSAMError(f"--opset {args.opset}: the exporter writes opset 18 or newer (standard-op attention, "
                          "LayerNorm); give --opset 18 or higher")
     cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
+    from fssam_deploy.onnx.export import ONNX_FORMAT
+
+    resolve_auto_precision(args, cfg, ONNX_FORMAT)
     if not has_checkpoint(args):
         warn_random("Exporting them.", args.seed)
     t0 = time.perf_counter()
@@ -207,6 +247,7 @@ def cmd_build(args) -> int:
     backend.check(device)
     check_output_dir(args.out, force=args.force)
     cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
+    resolve_auto_precision(args, cfg, backend.engine_format)
     if args.onnx_dir is None and not has_checkpoint(args):
         warn_random("Compiling them.", args.seed)
     options = {"timing_cache": args.timing_cache, "workspace": args.workspace, "no_plugin": args.no_plugin,
@@ -220,6 +261,37 @@ def cmd_build(args) -> int:
         warnings.simplefilter("ignore")
         out = backend.build(req)
     print(f"wrote {out}/ ({args.format}, {args.precision}) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from fssam_deploy.tune import default_backends, run_tune, tune_table
+
+    device = check_device(args.device)
+    if args.backends:
+        names = check_choices("--backends", args.backends.split(","), registry.names())
+        for name in names:
+            registry.get(name).check(device)
+    else:
+        names = default_backends(device)
+    threads = None if args.threads is None else check_positive("--threads", args.threads)
+    cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
+    if not has_checkpoint(args):
+        warn_random("Speeds are real; IoUs of random weights are pessimistic: tune with --checkpoint.", args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_tune(cfg, device=str(device), backends=names, checkpoint=args.checkpoint, seed=args.seed,
+                          threads=threads, warmup=check_positive("--warmup", args.warmup, 0),
+                          iters=check_positive("--iters", args.iters), progress=not args.no_progress)
+    print(tune_table(result))
+    from fssam_deploy.tune import choose
+
+    for accuracy in ("exact", "fast"):
+        try:
+            print(choose(cfg, device, accuracy, threads=threads)[1])
+        except ConfigError as exc:
+            print(f"auto ({accuracy}): {exc}")
+    print(f"wrote {result['path']}")
     return 0
 
 
@@ -260,8 +332,11 @@ def add_run_parser(sub) -> None:
     r.add_argument("--logits", help="also write float32 logits at the query's size (.npy; a folder for many)")
     r.add_argument("--overlay", help="also write the query with the mask tinted (PNG; a folder for many)")
     r.add_argument("--batch", type=int, default=1, help="queries per forward pass")
-    r.add_argument("--backend", default="torch", choices=registry.names(), metavar="NAME", help=backend_help())
+    r.add_argument("--backend", default="torch", choices=["auto", *registry.names()], metavar="NAME",
+                   help="auto: the fastest backend `fssam tune` measured here that meets --accuracy and reads "
+                   "--engine-dir (or needs none); " + backend_help())
     r.add_argument("--engine-dir", help="graphs (`fssam export`) or engines (`fssam build`) for the backend")
+    add_auto_flags(r, "--backend")
     r.set_defaults(func=cmd_run)
 
 
@@ -273,10 +348,12 @@ def add_artifact_parsers(sub) -> None:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--batch", default="1", choices=["1", "dynamic"])
     e.add_argument("--shots", type=int, default=1)
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    add_auto_flags(e, "--precision")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
                    help="fp16 / bf16: half graphs with fp32 islands (LayerNorm, softmax, min/max); bf16 ones are for "
                    "TensorRT (ONNX Runtime checks them emulated, in `fssam verify`); int8: the image encoder and "
-                   "DINOv2 quantized for ONNX Runtime on the CPU")
+                   "DINOv2 quantized for ONNX Runtime on the CPU; auto: what `fssam tune` measured fastest for "
+                   "--accuracy")
     e.add_argument("--tensorrt-plugin", action="store_true", help="also write the decoder with the calibrated "
                    "attention as one custom node, for `fssam build --format tensorrt` with the fused-kernel plugin")
     e.add_argument("--no-progress", action="store_true")
@@ -290,9 +367,10 @@ def add_artifact_parsers(sub) -> None:
     bd.add_argument("--out", required=True, help="output folder (a new one, or one `fssam build` wrote)")
     bd.add_argument("--force", action="store_true", help="replace --out even if it is not a folder this tool wrote")
     bd.add_argument("--onnx-dir", help="the graphs written by `fssam export` (formats built from ONNX)")
-    bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
                     help="aoti: bf16/fp16 compile each stage under autocast; tensorrt: engine precision; openvino: "
-                    "fp32, bf16 or int8")
+                    "fp32, bf16 or int8; auto: what `fssam tune` measured fastest for --accuracy")
+    add_auto_flags(bd, "--precision")
     bd.add_argument("--batch", default="1", help="the static batch (aoti, openvino); tensorrt: N or min,opt,max")
     bd.add_argument("--shots", type=int, default=1, help="shots per episode (formats built from a checkpoint)")
     bd.add_argument("--timing-cache", help="tensorrt: timing cache file, reused and extended")
@@ -337,10 +415,21 @@ def add_demo_bench_parsers(sub) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    t = sub.add_parser("tune", help="measure every installed backend here once and cache the result, for "
+                       "--backend auto / --precision auto")
+    add_model_flags(t)
+    t.add_argument("--shots", type=int, default=1)
+    t.add_argument("--backends", help="comma list (default: every backend available on the device)")
+    t.add_argument("--warmup", type=int, default=1)
+    t.add_argument("--iters", type=int, default=3)
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_tune)
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: demo, run, export, build, "
-                                "verify, bench, eval, serve, client")
+                                "verify, bench, tune, eval, serve, client")
     sub = p.add_subparsers(dest="command", required=True)
     add_demo_bench_parsers(sub)
     add_run_parser(sub)

@@ -21,6 +21,7 @@ ISA_FEATURES = {
     "fma": "FMA",
     "avx512f": "AVX-512",
     "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
     "avx512_bf16": "AVX512-BF16",
     "amx_tile": "AMX",
     "amx_bf16": "AMX-BF16",
@@ -123,3 +124,13 @@ def host_summary(threads: int | None = None) -> str:
 def cpu_name() -> str:
     """The CPU's model name (py-cpuinfo), e.g. for a manifest or a report."""
     return cpu_info()["model"]
+
+
+def int8_dot_saturates() -> bool:
+    """Whether ONNX Runtime's u8 x s8 int8 GEMM (MLAS) can saturate here: on x86 CPUs without VNNI (AVX2, or
+    AVX-512 without VNNI) it sums pairs of u8*s8 products in int16 (vpmaddubsw), which overflows for large
+    activations times large weights. VNNI / AMX-INT8 accumulate in int32; other architectures are not x86."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    features = cpu_info()["features"]
+    return not any(features.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -29,8 +29,9 @@ def weights_id(checkpoint=None, seed: int = 0) -> str:
     return f"sha256:{file_sha256(checkpoint)}" if checkpoint else f"random:{seed}"
 
 
-def folder_format(folder: str | Path | None) -> str | None:
-    """The `format` of an artifact folder's manifest (`manifest.json`, or TensorRT's `engines.json`), else None."""
+def folder_manifest(folder: str | Path | None) -> dict | None:
+    """An artifact folder's manifest JSON (`manifest.json`, or TensorRT's `engines.json`) when it names a
+    `format`, else None; unchecked (the backend's reader checks it)."""
     if folder is None:
         return None
     for name in (MANIFEST, "engines.json"):
@@ -39,8 +40,14 @@ def folder_format(folder: str | Path | None) -> str | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(data, dict) and isinstance(data.get("format"), str):
-            return data["format"]
+            return data
     return None
+
+
+def folder_format(folder: str | Path | None) -> str | None:
+    """The `format` of an artifact folder's manifest, else None."""
+    data = folder_manifest(folder)
+    return None if data is None else data["format"]
 
 
 def read_json(path: Path, what: str, rebuild: str) -> dict:
@@ -121,7 +128,8 @@ class Manifest:
     def check_stages(self, required) -> None:
         missing = sorted(set(required) - set(self.data["stages"]))
         if missing:
-            raise EngineError(f"{self.path}: the manifest lacks stages {missing}; {self.rebuild} with every stage")
+            raise EngineError(f"{self.path}: no {', '.join(repr(s) for s in missing)} stage (built: "
+                              f"{sorted(self.data['stages'])}); an episode needs every stage: {self.rebuild}")
 
     def files(self, stage: str) -> list[str]:
         """Every file the manifest lists for `stage` (its main file, then any external data)."""

@@ -13,6 +13,6 @@ def mask_iou(logits: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def parity(logits: torch.Tensor, ref: torch.Tensor) -> dict:
-    """{"mask_iou", "max_abs_logit_err"} of `logits` against `ref` (same shape)."""
+    """{"mask_iou", "max_abs_logit_err", "ref_abs_max"} of `logits` against `ref` (same shape)."""
     err = (logits.float().cpu() - ref.float().cpu()).abs().max().item()
-    return {"mask_iou": mask_iou(logits, ref), "max_abs_logit_err": err}
+    return {"mask_iou": mask_iou(logits, ref), "max_abs_logit_err": err, "ref_abs_max": ref.abs().max().item()}

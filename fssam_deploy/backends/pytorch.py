@@ -104,7 +104,7 @@ for _b in (
     Backend("torch-fused", "pytorch", "PyTorch eager with the fused Triton calibrated attention",
             _loader(attention="op"), devices=("cuda",), requires=("triton",), demo=("cuda",)),
     Backend("torch-compile", "pytorch", "torch.compile (Inductor) of every stage, fp32",
-            _loader(attention="auto", compile_mode=None)),
+            _loader(attention="auto", compile_mode=None), tune=("cuda",)),  # CPU: minutes to compile, ~eager speed
     Backend("torch-compile-bf16", "pytorch", "torch.compile + CUDA graphs (reduce-overhead) under bf16 autocast, "
             "fused attention", _loader(torch.bfloat16, "op", "reduce-overhead"), devices=("cuda",),
             requires=("triton",), precision="bf16", accuracy="fast", demo=("cuda",)),

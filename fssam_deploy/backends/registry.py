@@ -78,7 +78,8 @@ class Backend:
     with find_spec, never imported here); extra: the pip extra that installs them. engine_format: the
     manifest `format` of its `--engine-dir` (None: it needs none). build / build_format: how `fssam build
     --format NAME` writes its artifacts (None: nothing to build). precision / accuracy: what it computes in,
-    and its accuracy class ("exact" or "fast"). demo: device types on which `fssam demo` runs it.
+    and its accuracy class ("exact" or "fast"). demo: device types on which `fssam demo` runs it. tune: those
+    on which `fssam tune` measures it by default. loads: the artifact precisions it loads (`--backend auto`).
     """
 
     name: str
@@ -95,6 +96,12 @@ class Backend:
     precision: str = "fp32"
     accuracy: str = "exact"
     demo: tuple[str, ...] = ()  # device types on which `fssam demo` runs it
+    tune: tuple[str, ...] = ("cpu", "cuda")  # device types on which `fssam tune` measures it unless --backends says
+    loads: tuple[str, ...] | None = None  # `precision`s of the --engine-dir folders it loads (None: its own)
+
+    def loads_precision(self, folder_precision: str) -> bool:
+        """Whether this backend runs a folder whose manifest says `precision: folder_precision`."""
+        return folder_precision in (self.loads or (self.precision,))
 
     def unavailable(self, device: str | torch.device) -> str | None:
         """Why this backend cannot run on `device` here (None: it can)."""

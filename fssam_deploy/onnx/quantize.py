@@ -4,6 +4,9 @@
 then writes the manifest (precision "int8", per stage how it was quantized, new sha256s, the fp32
 manifest's sha256); all in a temporary sibling folder renamed at the end, like `export_onnx`.
 
+The weight type follows the CPU that quantizes (`auto_weight_type`): qint8 with VNNI / AMX-INT8, quint8 without,
+where ONNX Runtime's u8 x s8 kernels saturate. Graphs quantized qint8 warn when loaded on a CPU without VNNI.
+
 Methods (benchmarks/bench_int8.py on this project's 2-core AMD EPYC, AVX512-VNNI, ONNX Runtime 1.32,
 random weights; episode speedup over fp32 ORT and min mask IoU against it):
   - "dynamic" (default): weights int8 per output channel, activations quantized per tensor at run
@@ -41,7 +44,7 @@ from fssam_deploy.synthetic import episode_tensors
 
 METHODS = ("dynamic", "static")
 DEFAULT_METHOD = "dynamic"
-WEIGHT_TYPES = ("qint8", "quint8")
+WEIGHT_TYPES = ("auto", "qint8", "quint8")  # auto: qint8 where the int8 dot product cannot saturate, else quint8
 PRECISION = "int8"
 # op types that only a quantized graph holds (QOperator, QDQ, and ONNX Runtime's fused forms)
 INTEGER_OPS = frozenset({
@@ -72,15 +75,15 @@ def integer_ops(path: str | Path) -> dict[str, int]:
 
 
 def quantize_engine_dir(src_dir: str | Path, dst_dir: str | Path, stages: list[str] | None = None,
-                        method: str = DEFAULT_METHOD, weight_type: str = "qint8", per_channel: bool = True,
+                        method: str = DEFAULT_METHOD, weight_type: str = "auto", per_channel: bool = True,
                         fp32_cones: dict[str, tuple[str, ...]] | None = None, calibration_images: int = 8,
                         seed: int = 0, force: bool = False) -> Path:
     """Write a complete engine dir at `dst_dir`: the fp32 graphs of `src_dir`, the `stages` ones in int8.
 
     stages: None means `default_stages` (the big encoders). method: "dynamic" or "static" (see the
-    module docstring). weight_type: "qint8" or "quint8". fp32_cones: {stage: graph outputs} whose
-    ancestor nodes stay fp32; None means `FP32_CONES`, {} quantizes everything. calibration_images:
-    generated images (synthetic episodes from `seed`) that calibrate "static". Returns `dst_dir`; on
+    module docstring). weight_type: "qint8", "quint8" or "auto" (`auto_weight_type`). fp32_cones:
+    {stage: graph outputs} whose ancestor nodes stay fp32; None means `FP32_CONES`, {} quantizes everything.
+    calibration_images: generated images (synthetic episodes from `seed`) that calibrate "static". Returns `dst_dir`; on
     any failure nothing is left at `dst_dir`'s parent but what was there before.
     """
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
@@ -134,12 +137,27 @@ def graph_files(path: Path) -> list[Path]:
     return [path, *(path.parent / n for n in sorted(names))]
 
 
+def auto_weight_type() -> tuple[str, str]:
+    """(weight type, why) for this CPU. ONNX Runtime's u8 x s8 kernels (qint8 weights) are the fast path where
+    the CPU has VNNI / AMX-INT8; without them (AVX2, AVX-512 without VNNI) they sum u8*s8 pairs in int16 and
+    saturate: measured on an AVX2-only AMD EPYC, tiny config, qint8 gave the image encoder's `feat` an error
+    of 21% of its scale and episode mask IoU 0.04-0.07 against fp32, quint8 (u8 x u8, no saturation) 1.6% and
+    the same speed (137 vs 174 ms fp32). ORT's other remedy, 7-bit weights (reduce_range), measured 2.3%."""
+    from fssam_deploy.hostinfo import host_summary, int8_dot_saturates
+
+    if int8_dot_saturates():
+        return "quint8", f"quint8: no VNNI / AMX-INT8 on {host_summary()}, where qint8 (u8 x s8) saturates"
+    return "qint8", f"qint8: {host_summary()} has VNNI / AMX-INT8 (u8 x s8 accumulates in int32)"
+
+
 def quant_settings(method: str, weight_type: str, per_channel: bool, calibration_images: int, seed: int) -> dict:
     if method not in METHODS:
         raise ConfigError(f"quantization method {method!r}: choose from {list(METHODS)}")
     if weight_type not in WEIGHT_TYPES:
         raise ConfigError(f"weight type {weight_type!r}: choose from {list(WEIGHT_TYPES)}")
     settings = {"method": method, "weight_type": weight_type, "per_channel": per_channel}
+    if weight_type == "auto":
+        settings["weight_type"], settings["weight_type_auto"] = auto_weight_type()
     if method == "dynamic":
         return {**settings, "op_types": ["MatMul"], "gemm_as_matmul": True, "matmul_const_b_only": True,
                 "preprocess": False}
@@ -165,15 +183,10 @@ def check_stage_names(src_dir: Path, manifest: dict, names: list[str]) -> None:
 
 
 def check_fp32_graphs(src_dir: Path, manifest: dict, names: list[str]) -> None:
-    """The source must be fp32 and intact: manifest precision, sha256 of every graph, no integer ops."""
+    """The source must be fp32 and hold no integer ops (`read_manifest` has checked every graph's sha256)."""
     if manifest.get("precision") != "fp32":
         raise EngineError(f"{src_dir / MANIFEST}: precision is {manifest.get('precision')!r}; int8 graphs are "
                           f"made from an fp32 engine dir (`fssam export --precision fp32`)")
-    for name, entry in manifest["stages"].items():
-        path = src_dir / entry["file"]
-        if file_sha256(path) != entry["sha256"]:
-            raise EngineError(f"{path}: sha256 differs from {src_dir / MANIFEST}'s; the graph of stage {name!r} "
-                              f"changed since export; re-export")
     for name in names:
         found = integer_ops(src_dir / manifest["stages"][name]["file"])
         if found:

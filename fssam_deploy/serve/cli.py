@@ -20,7 +20,10 @@ def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> Non
     p = subparsers.add_parser("serve", help="serve FSSAM on Triton (PyTriton): segment, register, segment_cached",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--backend", default="torch", help="a registry backend (torch, onnxruntime, openvino, aoti, ...)")
+    p.add_argument("--backend", default="torch", help="a registry backend (torch, onnxruntime, openvino, aoti, ...), "
+                   "or auto: the fastest `fssam tune` measured here that meets --accuracy and reads --engine-dir")
+    p.add_argument("--accuracy", default="exact", choices=("exact", "fast"),
+                   help="with --backend auto: exact = fp32, mask IoU >= 0.999 vs PyTorch fp32; fast = IoU >= 0.98")
     p.add_argument("--engine-dir", help="the backend's artifacts (graphs, packages, engines); not for torch")
     p.add_argument("--shots", type=int, default=1, help="shots the engine was built for (torch takes any)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -79,6 +82,11 @@ def cmd_serve(args, config_from_args) -> int:
     from fssam_deploy.serve.server import serve
 
     cfg = config_from_args(args, shots=args.shots)
+    if args.backend == "auto":
+        from fssam_deploy.tune import choose
+
+        args.backend, why = choose(cfg, args.device, args.accuracy, args.engine_dir)
+        print(why, file=sys.stderr)
     if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):
         print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}). The masks mean nothing.",
               file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -100,6 +101,31 @@ def test_episode_close_to_fp32(fp32_episode, int8_dir, tiny_cfg):
         assert (a[i] > 0).sum() > 0 and not torch.equal(a[i], b[i])  # a mask to compare, and int8 really ran
         assert iou(b[i], a[i]) >= MIN_IOU, (i, iou(b[i], a[i]))
         assert (a[i] - b[i]).abs().max() <= 0.05 * a[i].abs().max(), i
+
+
+def test_weight_type_follows_the_cpu(fp32_dir, int8_dir, tiny_cfg, tmp_path, monkeypatch):
+    """auto: qint8 where the u8 x s8 dot product accumulates in int32 (VNNI / AMX-INT8), quint8 where it saturates;
+    qint8 graphs loaded on a saturating CPU warn."""
+    import fssam_deploy.hostinfo as hostinfo
+    from fssam_deploy.hostinfo import int8_dot_saturates
+
+    entry = read_manifest(int8_dir)["stages"]["image_encoder"]["quantized"]
+    assert entry["weight_type"] == ("quint8" if int8_dot_saturates() else "qint8")
+    assert entry["weight_type_auto"].startswith(entry["weight_type"] + ": ")
+    for saturates, want in ((True, "quint8"), (False, "qint8")):
+        monkeypatch.setattr(hostinfo, "int8_dot_saturates", lambda s=saturates: s)
+        assert q.auto_weight_type()[0] == want
+        assert q.quant_settings("dynamic", "auto", True, 1, 0)["weight_type"] == want
+        assert q.quant_settings("dynamic", "qint8", True, 1, 0)["weight_type"] == "qint8"  # asked for: kept
+    signed = q.quantize_engine_dir(fp32_dir, tmp_path / "signed", stages=["image_encoder"], weight_type="qint8")
+    monkeypatch.setattr(hostinfo, "int8_dot_saturates", lambda: True)
+    with pytest.warns(UserWarning, match=r"stages \['image_encoder'\] have qint8 weights, whose int8 dot product "
+                      r"saturates on .*no VNNI"):
+        onnx_episode(signed, expect=tiny_cfg)
+    monkeypatch.setattr(hostinfo, "int8_dot_saturates", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        onnx_episode(signed, expect=tiny_cfg)
 
 
 def test_static_method(fp32_dir, fp32_episode, tiny_cfg, tmp_path):
@@ -207,6 +233,7 @@ def test_errors(fp32_dir, int8_dir, tmp_path):
                                           r"\(integer ops \{'DynamicQuantizeLinear': \d+, 'MatMulInteger'"):
         q.quantize_engine_dir(fake, tmp_path / "a")
     (fake / "decoder.onnx").write_bytes(b"corrupt")
-    with pytest.raises(EngineError, match="decoder.onnx: sha256 differs from .*manifest.json's"):
+    with pytest.raises(EngineError, match="decoder.onnx: graph of stage 'decoder' does not match the manifest's "
+                                          "sha256"):
         q.quantize_engine_dir(fake, tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -74,7 +74,7 @@ def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | Non
     Package hashes are checked per stage when a runner asks for its file (`Manifest.artifact`).
     """
     package_dir = Path(package_dir)
-    manifest = Manifest.read(package_dir, AOTI_FORMAT, f"{REBUILD} --out {package_dir}",
+    manifest = Manifest.read(package_dir, AOTI_FORMAT, f"rebuild with `fssam build --format aoti --out {package_dir}`",
                              what="AOTInductor package folder")
     manifest.check_config(expect_config, "packages")
     built_torch = manifest["versions"]["torch"]

@@ -26,7 +26,7 @@ ENGINE_SOURCE = "fssam build --format openvino --onnx-dir GRAPHS"
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}
 
 
-def build(req: BuildRequest) -> Path:
+def _build(req: BuildRequest) -> Path:
     """`fssam build --format openvino --onnx-dir GRAPHS --out OV [--precision fp32|bf16|int8] [--batch N]`."""
     from fssam_deploy.backends.openvino.build import build_openvino
 
@@ -72,14 +72,16 @@ def _load(precision: str, name: str):
     return load
 
 
-_COMMON = {"family": "openvino", "devices": ("cpu",), "engine_format": OPENVINO_FORMAT, "build": build}
+_COMMON = {"family": "openvino", "devices": ("cpu",), "engine_format": OPENVINO_FORMAT, "build": _build}
+_FLOAT_IR = ("fp32", "bf16")  # bf16 is a runtime hint over the same fp32 IR (`_check_folder_precision`)
 for _b in (
     Backend("openvino", summary="OpenVINO IR from the ONNX graphs, fp32 (INFERENCE_PRECISION_HINT f32)",
             load=_load("fp32", "openvino"), requires=("openvino",), extra="openvino", engine_source=ENGINE_SOURCE,
-            build_format="openvino", **_COMMON),
+            build_format="openvino", loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-bf16", summary="OpenVINO fp32 IR under INFERENCE_PRECISION_HINT bf16 (AMX / AVX512-BF16 "
             "CPUs; f32 elsewhere)", load=_load("bf16", "openvino-bf16"), requires=("openvino",), extra="openvino",
-            engine_source=f"{ENGINE_SOURCE} --precision bf16", precision="bf16", accuracy="fast", **_COMMON),
+            engine_source=f"{ENGINE_SOURCE} --precision bf16", precision="bf16", accuracy="fast",
+            loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-int8", summary="OpenVINO IR, DINOv2 int8 (NNCF post-training, attention "
             "kept fp32)", load=_load("int8", "openvino-int8"), requires=("openvino", "nncf"),
             extra="openvino", engine_source=f"{ENGINE_SOURCE} --precision int8", precision="int8", accuracy="fast",

@@ -31,7 +31,10 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     return batch
 
 
-def build(req: BuildRequest) -> Path:
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")  # one backend runs engines of each
+
+
+def _build(req: BuildRequest) -> Path:
     """`fssam build --format tensorrt --onnx-dir GRAPHS`: engines for this GPU."""
     from fssam_deploy.backends.tensorrt.build import build_tensorrt
 
@@ -66,9 +69,11 @@ def _load(cuda_graph: bool):
 for _b in (
     Backend("tensorrt", "tensorrt", "TensorRT engines (strongly typed, fused-attention plugin)", _load(False),
             devices=("cuda",), requires=("tensorrt",), extra="tensorrt", engine_format=TRT_FORMAT,
-            engine_source="fssam build --format tensorrt", build=build, build_format="tensorrt", demo=("cuda",)),
+            loads=ENGINE_PRECISIONS,
+            engine_source="fssam build --format tensorrt", build=_build, build_format="tensorrt", demo=("cuda",)),
     Backend("tensorrt-graph", "tensorrt", "TensorRT engines, the query side as one CUDA graph", _load(True),
             devices=("cuda",), requires=("tensorrt",), extra="tensorrt", engine_format=TRT_FORMAT,
-            engine_source="fssam build --format tensorrt", build=build),
+            loads=ENGINE_PRECISIONS,
+            engine_source="fssam build --format tensorrt", build=_build),
 ):
     register(_b)

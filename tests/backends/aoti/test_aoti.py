@@ -20,7 +20,7 @@ import zipfile
 import pytest
 import torch
 
-from fssam_deploy.backends.aoti import build as aoti
+import fssam_deploy.backends.aoti.build as aoti
 from fssam_deploy.backends.aoti import manifest as aoti_manifest
 from fssam_deploy.backends.aoti.build import build_aoti
 from fssam_deploy.backends.aoti.manifest import AOTI_FORMAT, MANIFEST, read_aoti_manifest
@@ -35,7 +35,7 @@ from tests.helpers import make_episode
 
 CI_STAGES = ["prior", "refinement", "decoder"]
 ATOL = 1e-4
-REBUILD = "rebuild with `fssam build --format aoti`"
+REBUILD = "rebuild with `fssam build --format aoti"  # the command goes on: --out DIR`
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,8 @@ def test_modified_or_missing_package(packages, tmp_path):
 
 
 def test_episode_needs_every_package(packages, tiny_cfg):
-    with pytest.raises(EngineError, match=f"no package for stage 'image_encoder'.*{REBUILD}"):
+    with pytest.raises(EngineError, match="no 'dino_features', 'image_encoder', 'memory_encoder' stage.*an "
+                       "episode needs every stage: rebuild with `fssam build --format aoti --out "):
         aoti_episode(packages, expect_config=tiny_cfg)
 
 
