@@ -206,8 +206,10 @@ def cmd_export(args) -> int:
     from fssam_deploy.atomic import check_output_dir
     from fssam_deploy.onnx.export import export_onnx
 
-    check_device(args.device)
+    device = check_device(args.device)
     check_output_dir(args.out, force=args.force)
+    if args.triton_repo:
+        check_triton_repo_flags(args)
     if args.opset < 18:
         raise FSSAMError(f"--opset {args.opset}: the exporter writes opset 18 or newer (standard-op attention, "
                          "LayerNorm); give --opset 18 or higher")
@@ -235,7 +237,31 @@ def cmd_export(args) -> int:
             export_plugin_variants(cfg, out, checkpoint=args.checkpoint, seed=args.seed)
     print(f"wrote {out}/ (one {args.precision} ONNX graph per stage + manifest.json) in "
           f"{time.perf_counter() - t0:.0f} s")
+    if args.triton_repo:
+        from fssam_deploy.serve.triton_repo import write_triton_repo
+
+        repo = write_triton_repo(out, args.triton_repo, platform="onnxruntime", max_batch=args.triton_max_batch,
+                                 instances=args.triton_instances, gpu=device.type == "cuda")
+        print(f"wrote {repo}/ (Triton model repository: one onnxruntime model per stage + the fssam_episode BLS "
+              f"model; `tritonserver --model-repository {repo}`)")
     return 0
+
+
+def check_triton_repo_flags(args) -> None:
+    """--triton-repo needs a new folder, dynamic-batch graphs ONNX Runtime runs, and tritonclient: checked up front."""
+    from fssam_deploy.serve.triton_repo import _pb
+
+    if Path(args.triton_repo).exists():
+        raise ConfigError(f"--triton-repo {args.triton_repo}: exists; give a new folder (nothing is overwritten)")
+    check_writable_folder(Path(args.triton_repo).resolve().parent, f"--triton-repo {args.triton_repo}")
+    if args.batch != "dynamic":
+        raise ConfigError("--triton-repo: Triton batches requests on the first axis; add --batch dynamic")
+    if args.precision == "bf16":
+        raise ConfigError("--triton-repo: Triton's onnxruntime backend has no bf16 kernels; export fp32, fp16 or "
+                          "int8 graphs for it (bf16 graphs are for TensorRT)")
+    check_positive("--triton-max-batch", args.triton_max_batch)
+    check_positive("--triton-instances", args.triton_instances)
+    _pb()  # tritonclient's model_config_pb2 writes and checks the configs
 
 
 def cmd_build(args) -> int:
@@ -356,6 +382,10 @@ def add_artifact_parsers(sub) -> None:
                    "--accuracy")
     e.add_argument("--tensorrt-plugin", action="store_true", help="also write the decoder with the calibrated "
                    "attention as one custom node, for `fssam build --format tensorrt` with the fused-kernel plugin")
+    e.add_argument("--triton-repo", help="also write a Triton model repository there (a new folder): one "
+                   "onnxruntime model per stage and the `fssam_episode` BLS model (needs --batch dynamic)")
+    e.add_argument("--triton-max-batch", type=int, default=8, help="--triton-repo: max_batch_size of each model")
+    e.add_argument("--triton-instances", type=int, default=1, help="--triton-repo: instances per model")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_export)
 

@@ -31,7 +31,7 @@ def test_features_agree_with_torch():
 @pytest.mark.parametrize(("on", "text"), [
     ({"avx2", "fma"}, "AVX2, FMA; no AVX-512, no AMX"),
     ({"avx2", "fma", "avx512f", "avx512_vnni"}, "AVX2, FMA, AVX-512, AVX512-VNNI; no AVX512-BF16, no AMX"),
-    (set(ISA_FEATURES), "AVX2, FMA, AVX-512, AVX512-VNNI, AVX512-BF16, AMX, AMX-BF16, AMX-INT8"),
+    (set(ISA_FEATURES), "AVX2, FMA, AVX-512, AVX512-VNNI, AVX-VNNI, AVX512-BF16, AMX, AMX-BF16, AMX-INT8"),
     (set(), "no AVX2; no AVX-512, no AMX"),
 ])
 def test_isa_summary(on, text):
@@ -60,3 +60,18 @@ def test_without_py_cpuinfo_torch_decides(monkeypatch):
     info = cpu_info.__wrapped__()
     assert info["features"]["avx512f"] and info["features"]["avx2"] and not info["features"]["amx_tile"]
     assert "pip install py-cpuinfo" in info["source"]
+
+
+@pytest.mark.parametrize(("flags", "machine", "saturates"), [
+    (["avx2", "fma"], "x86_64", True),  # u8 x s8 pairs summed in int16 (vpmaddubsw)
+    (["avx2", "avx512f"], "x86_64", True),  # AVX-512 without VNNI: the same
+    (["avx2", "avx512f", "avx512vnni"], "x86_64", False),
+    (["avx2", "avx_vnni"], "x86_64", False),
+    (["avx2", "amx_tile", "amx_int8"], "x86_64", False),
+    ([], "aarch64", False),
+])
+def test_int8_dot_saturates(monkeypatch, flags, machine, saturates):
+    monkeypatch.setattr(hostinfo, "cpu_info", lambda: {**cpu_info(), "features": {
+        f: f.replace("_", "") in {x.replace("_", "") for x in flags} for f in ISA_FEATURES}})
+    monkeypatch.setattr(hostinfo.platform, "machine", lambda: machine)
+    assert hostinfo.int8_dot_saturates() is saturates

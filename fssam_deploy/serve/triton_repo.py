@@ -5,7 +5,8 @@ dynamic` folder) or as `tensorrt_plan` (the engines of `fssam build --format ten
 batching on its first axis and an instance group; plus `fssam_episode`, a Python-backend BLS model
 (`serve/bls_model.py`) that runs the episode over them and keeps a support registry. Every `config.pbtxt`
 is built as Triton's own protobuf message (`tritonclient.grpc.model_config_pb2.ModelConfig`), written with
-protobuf's text format and parsed back (`check_repo`). The folder is written beside and renamed at the end.
+protobuf's text format and parsed back (`check_repo`). The folder is written as a temporary sibling and
+renamed at the end (`atomic.atomic_dir`).
 
 Run here: the configs parse, and the BLS model's calls match the stage models (tests). Not run here: a full
 `tritonserver` with the onnxruntime / tensorrt backends (PyTriton's bundled server holds the Python backend
@@ -18,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.errors import BackendUnavailableError, ConfigError, EngineError
 from fssam_deploy.model.config import FSSAMConfig
 from fssam_deploy.stages import STAGE_SPECS
@@ -126,9 +128,7 @@ def write_triton_repo(source: str | Path, out: str | Path, platform: str = "onnx
         raise ConfigError(f"--triton-repo {out}: exists; give a new folder (nothing is overwritten)")
     cfg, files, weights = _source_files(source, platform)
     _, text_format = _pb()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:  # a temporary sibling of ours, renamed to `out` when whole
         model_file = "model.onnx" if platform == "onnxruntime" else "model.plan"
         stages = {}
         for name, paths in files.items():
@@ -148,10 +148,6 @@ def write_triton_repo(source: str | Path, out: str | Path, platform: str = "onnx
         (tmp / BLS_NAME / "config.pbtxt").write_text(
             text_format.MessageToString(bls_config(cfg, key, max_batch, instances, registry_dir)))
         check_repo(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

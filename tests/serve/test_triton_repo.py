@@ -162,3 +162,38 @@ def test_bls_episode_matches_pytorch(tiny_graphs, tiny_pipeline, tmp_path):
     (bad,) = model.execute([{"query": T("query", q[0].numpy()), "support_id": T("support_id", np.array([b"0" * 64]))}])
     assert bad.has_error() and "unknown support set" in bad.error().message()
     assert bls_model.ID_RE.match(sid.decode())
+
+
+def test_export_triton_repo_cli(tiny_graphs, tmp_path, monkeypatch, capsys):
+    """`fssam export --triton-repo`: refusals before any export, then the repository beside the graphs. The export
+    itself is the session's tiny one (copied: `export_onnx` is what tests/onnx checks)."""
+    import shutil
+
+    from fssam_deploy.cli import main
+    from fssam_deploy.onnx import export as onnx_export
+    from tests.helpers import TINY_FLAGS
+
+    def no_export(*a, **k):
+        raise AssertionError("exported before refusing")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    (tmp_path / "taken").mkdir()
+    for extra, msg in ((["--triton-repo", str(tmp_path / "taken")], "exists; give a new folder"),
+                       (["--triton-repo", str(tmp_path / "r"), "--batch", "1"], "add --batch dynamic"),
+                       (["--triton-repo", str(tmp_path / "r"), "--batch", "dynamic", "--precision", "bf16"],
+                        "no bf16 kernels"),
+                       (["--triton-repo", str(tmp_path / "r"), "--batch", "dynamic", "--triton-max-batch", "0"],
+                        "--triton-max-batch")):
+        assert main(["export", *TINY_FLAGS, "--out", str(tmp_path / "g"), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and msg in err[-1], err
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda cfg, out, **k: Path(shutil.copytree(tiny_graphs, out)))
+    repo = tmp_path / "repo"
+    assert main(["export", *TINY_FLAGS, "--out", str(tmp_path / "g"), "--batch", "dynamic", "--triton-repo",
+                 str(repo), "--triton-max-batch", "4", "--triton-instances", "2"]) == 0
+    assert f"wrote {repo}/ (Triton model repository" in capsys.readouterr().out
+    configs = check_repo(repo)
+    assert set(configs) == {*STAGE_SPECS, BLS_NAME}
+    assert configs["decoder"].max_batch_size == 4 and configs["decoder"].instance_group[0].count == 2
+    assert (repo / "decoder" / "1" / "model.onnx").read_bytes() == (tiny_graphs / "decoder.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "repo", "taken"]

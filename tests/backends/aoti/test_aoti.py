@@ -198,8 +198,10 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_cfg, monkeypatch):
         raise RuntimeError("compiler crashed")
 
     monkeypatch.setattr(aoti, "compile_stage", boom)
+    with pytest.raises(ConfigError, match="keep.txt.*not an artifact folder written by this tool"):
+        build_aoti(tiny_cfg, out, stages=["refinement"], progress=False)  # refused before compiling: not ours
     with pytest.raises(RuntimeError, match="compiler crashed"):
-        build_aoti(tiny_cfg, out, stages=["refinement"], progress=False)
+        build_aoti(tiny_cfg, out, stages=["refinement"], progress=False, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pk"], "temporary build dir left behind"
     assert (out / "keep.txt").read_text() == "old build"
 
