@@ -308,7 +308,8 @@ def cmd_tune(args) -> int:
         warnings.simplefilter("ignore")
         result = run_tune(cfg, device=str(device), backends=names, checkpoint=args.checkpoint, seed=args.seed,
                           threads=threads, warmup=check_positive("--warmup", args.warmup, 0),
-                          iters=check_positive("--iters", args.iters), progress=not args.no_progress)
+                          iters=check_positive("--iters", args.iters), progress=not args.no_progress,
+                          on_row=lambda line: print(line, flush=True))
     print(tune_table(result))
     from fssam_deploy.tune import choose
 

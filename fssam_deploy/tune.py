@@ -90,10 +90,11 @@ def default_backends(device) -> list[str]:
 
 def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, checkpoint: str | None = None,
              seed: int = 0, threads: int | None = None, warmup: int = 1, iters: int = 3,
-             progress: bool = True) -> dict:
+             progress: bool = True, on_row=None) -> dict:
     """Measure `backends` (default: `default_backends`) one by one and write the cache file; returns its JSON.
 
-    A backend that fails to build or run here is kept as a row with its `error` and never picked."""
+    A backend that fails to build or run here is kept as a row with its `error` and never picked. `progress`:
+    the bench's progress bar; `on_row(line)`: called with a line per measured backend."""
     from fssam_deploy.bench.run import BenchSettings, run_bench
 
     names = backends or default_backends(device)
@@ -116,9 +117,9 @@ def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, 
                        ref_abs_max=r.get("ref_abs_max", 0.0))
         row["meets"] = meets(row)
         rows.append(row)
-        if progress:
-            print(f"tune: {name}: " + (row.get("error") or f"{row['episode_ms']:.1f} ms per episode, mask IoU "
-                                       f"{row['mask_iou']:.4f}, meets {row['meets'] or 'no class'}"), flush=True)
+        if on_row is not None:
+            on_row(f"tune: {name}: " + (row.get("error") or f"{row['episode_ms']:.1f} ms per episode, mask IoU "
+                                        f"{row['mask_iou']:.4f}, meets {row['meets'] or 'no class'}"))
     base = next((r for r in rows if r["backend"] == "torch" and "episode_ms" in r), None)
     for r in rows:
         if base and "episode_ms" in r:

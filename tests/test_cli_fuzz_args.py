@@ -127,6 +127,19 @@ CASES = {
     "demo-torch-fused-on-cpu": (["demo", "--backends", "torch-fused", "--device", "cpu"], OURS),
     "demo-out-dir-is-a-file": (["demo", "--out-dir", "{afile}"], OURS),
     "demo-out-dir-user-folder": (["demo", "--out-dir", "{user}"], OURS),
+    # tune and --backend / --precision auto (the cache is the test's own, empty: FSSAM_CACHE_DIR)
+    "tune-backends-nope": (["tune", *TINY, "--backends", "nope", "--no-progress"], OURS),
+    "tune-torch-fused-on-cpu": (["tune", *TINY, "--backends", "torch-fused", "--no-progress"], OURS),
+    "tune-shots-0": (["tune", *TINY, "--shots", "0", "--no-progress"], OURS),
+    "tune-iters-0": (["tune", *TINY, "--iters", "0", "--no-progress"], OURS),
+    "tune-threads-negative": (["tune", *TINY, "--threads", "-1", "--no-progress"], OURS),
+    "tune-device-tpu": (["tune", *TINY, "--device", "tpu", "--no-progress"], OURS),
+    "run-backend-auto-untuned": ([*RUN, "--backend", "auto"], OURS),
+    "run-accuracy-nope": ([*RUN, "--backend", "auto", "--accuracy", "best"], USAGE),
+    "export-precision-auto-untuned": ([*EXPORT, "--precision", "auto"], OURS),
+    "build-precision-auto-untuned": (["build", "--format", "aoti", *TINY, "--out", "b", "--precision", "auto"],
+                                     OURS),
+    "export-triton-repo-static-batch": ([*EXPORT, "--triton-repo", "repo"], OURS),
     "eval-unknown-flag": (["eval", "--nope-flag"], USAGE),
     "serve-unknown-flag": (["serve", "--nope-flag"], USAGE),
     "client-unknown-flag": (["client", "--nope-flag"], USAGE),
@@ -166,6 +179,7 @@ def test_malformed_arguments(case, places, tmp_path, monkeypatch, capsys, reques
         values["graphs"] = str(request.getfixturevalue("tiny_graphs"))
     argv = [a.format(**values) for a in argv]
     forbid_expensive_work(monkeypatch)
+    monkeypatch.setenv("FSSAM_CACHE_DIR", str(tmp_path / "cache"))  # an untuned machine
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
