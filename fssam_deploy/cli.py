@@ -9,6 +9,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from fssam_deploy.auto import add_accuracy_flag, resolve_auto_backend, resolve_auto_precision
 from fssam_deploy.backends import registry
 from fssam_deploy.errors import ConfigError, FSSAMError
 from fssam_deploy.eval.cli import add_eval_parser
@@ -53,42 +54,6 @@ def has_checkpoint(args) -> bool:
 
 def warn_random(what: str, seed: int) -> None:
     print(f"WARNING: no checkpoint given: RANDOM weights (seed {seed}). {what}", file=sys.stderr)
-
-
-def tune_command(args, shots: int) -> str:
-    """The `fssam tune` line for the model flags of `args` (what `--backend auto` asks for when untuned)."""
-    flags = [f"--sam2-config {args.sam2_config}", f"--dino {args.dino}", f"--image-size {args.image_size}",
-             f"--shots {shots}", f"--device {args.device}"]
-    if has_checkpoint(args):
-        flags.insert(0, "--checkpoint CKPT")
-    return "fssam tune " + " ".join(flags)
-
-
-def resolve_auto_backend(args, cfg: FSSAMConfig) -> None:
-    """`--backend auto`: the tuned pick for `--accuracy` and `--engine-dir` replaces it; says which and why."""
-    if args.backend != "auto":
-        return
-    from fssam_deploy.tune import choose
-
-    args.backend, why = choose(cfg, args.device, args.accuracy, args.engine_dir,
-                               tune_command=tune_command(args, cfg.shots))
-    print(why, file=sys.stderr)
-
-
-def resolve_auto_precision(args, cfg: FSSAMConfig, engine_format: str) -> None:
-    if args.precision != "auto":
-        return
-    from fssam_deploy.tune import choose_precision
-
-    args.precision, why = choose_precision(cfg, args.device, args.accuracy, engine_format,
-                                           tune_command=tune_command(args, cfg.shots))
-    print(why, file=sys.stderr)
-
-
-def add_auto_flags(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--accuracy", default="exact", choices=["exact", "fast"],
-                   help=f"with {what} auto: exact = fp32, mask IoU >= 0.999 vs PyTorch fp32; fast = bf16 / int8, "
-                   "IoU >= 0.98 (as measured by `fssam tune` on this machine)")
 
 
 def backend_help(device_note: bool = True) -> str:
@@ -363,7 +328,7 @@ def add_run_parser(sub) -> None:
                    help="auto: the fastest backend `fssam tune` measured here that meets --accuracy and reads "
                    "--engine-dir (or needs none); " + backend_help())
     r.add_argument("--engine-dir", help="graphs (`fssam export`) or engines (`fssam build`) for the backend")
-    add_auto_flags(r, "--backend")
+    add_accuracy_flag(r, "--backend")
     r.set_defaults(func=cmd_run)
 
 
@@ -375,7 +340,7 @@ def add_artifact_parsers(sub) -> None:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--batch", default="1", choices=["1", "dynamic"])
     e.add_argument("--shots", type=int, default=1)
-    add_auto_flags(e, "--precision")
+    add_accuracy_flag(e, "--precision")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
                    help="fp16 / bf16: half graphs with fp32 islands (LayerNorm, softmax, min/max); bf16 ones are for "
                    "TensorRT (ONNX Runtime checks them emulated, in `fssam verify`); int8: the image encoder and "
@@ -401,7 +366,7 @@ def add_artifact_parsers(sub) -> None:
     bd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
                     help="aoti: bf16/fp16 compile each stage under autocast; tensorrt: engine precision; openvino: "
                     "fp32, bf16 or int8; auto: what `fssam tune` measured fastest for --accuracy")
-    add_auto_flags(bd, "--precision")
+    add_accuracy_flag(bd, "--precision")
     bd.add_argument("--batch", default="1", help="the static batch (aoti, openvino); tensorrt: N or min,opt,max")
     bd.add_argument("--shots", type=int, default=1, help="shots per episode (formats built from a checkpoint)")
     bd.add_argument("--timing-cache", help="tensorrt: timing cache file, reused and extended")

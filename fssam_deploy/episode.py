@@ -86,6 +86,16 @@ class Episode:
     def device(self) -> torch.device:
         return self._device
 
+    def fixed_shots(self) -> int | None:
+        """The shot count the runners were built for (a "K" axis fixed in an input shape), or None: any."""
+        for name, runner in getattr(self, "runners", {}).items():
+            spec = STAGE_SPECS.get(name)
+            for t in spec.inputs if spec is not None else ():
+                shape = getattr(runner, "input_shapes", {}).get(t.name)
+                if "K" in t.shape and shape is not None and shape[t.shape.index("K")] is not None:
+                    return int(shape[t.shape.index("K")])
+        return None
+
     def close(self) -> None:
         """Release every runner (sessions, packages, engines) and the temporary folders this episode owns."""
         for runner in self.runners.values():

@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -53,11 +54,10 @@ def machine(device: str | torch.device, threads: int | None) -> dict:
            "isa": sorted(f for f, on in info["features"].items() if on), "torch": torch.__version__}
     if dev.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(dev)
+    dists = metadata.packages_distributions()  # module -> installed distributions (onnxruntime-gpu, tensorrt-cu12)
     for mod in ("onnxruntime", "openvino", "tensorrt"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # not installed, or a broken install: it is then not a candidate anyway
-            pass
+        for dist in dists.get(mod, [])[:1]:
+            out[mod] = metadata.version(dist)  # read from the metadata: nothing is imported
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fssam_deploy.auto import add_accuracy_flag, resolve_auto_backend
 from fssam_deploy.errors import InputError
 
 
@@ -22,8 +23,7 @@ def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> Non
     add_model_flags(p)
     p.add_argument("--backend", default="torch", help="a registry backend (torch, onnxruntime, openvino, aoti, ...), "
                    "or auto: the fastest `fssam tune` measured here that meets --accuracy and reads --engine-dir")
-    p.add_argument("--accuracy", default="exact", choices=("exact", "fast"),
-                   help="with --backend auto: exact = fp32, mask IoU >= 0.999 vs PyTorch fp32; fast = IoU >= 0.98")
+    add_accuracy_flag(p, "--backend")
     p.add_argument("--engine-dir", help="the backend's artifacts (graphs, packages, engines); not for torch")
     p.add_argument("--shots", type=int, default=1, help="shots the engine was built for (torch takes any)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -82,11 +82,7 @@ def cmd_serve(args, config_from_args) -> int:
     from fssam_deploy.serve.server import serve
 
     cfg = config_from_args(args, shots=args.shots)
-    if args.backend == "auto":
-        from fssam_deploy.tune import choose
-
-        args.backend, why = choose(cfg, args.device, args.accuracy, args.engine_dir)
-        print(why, file=sys.stderr)
+    resolve_auto_backend(args, cfg)
     if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):
         print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}). The masks mean nothing.",
               file=sys.stderr)

@@ -83,6 +83,7 @@ class FSSAMService:
         self.store = store if store is not None else SupportStore(self.key, budget_bytes, registry)
         self.limits = limits or Limits()
         self.feature_cls = support_class(episode)
+        self.shots = episode.fixed_shots() if hasattr(episode, "fixed_shots") else None  # None: any K
         self.lock = threading.Lock()
         self.batch_sizes: dict[str, list[int]] = defaultdict(list)  # requests per call, per model
 
@@ -164,12 +165,20 @@ class FSSAMService:
         self.batch_sizes[model].append(len(requests))
         return ok, errors
 
+    def _supports(self, req, model: str) -> tuple[list, list]:
+        imgs, masks = decode_supports(req, model, self.limits)
+        if self.shots is not None and len(imgs) != self.shots:
+            raise InputError(f"{model}: {len(imgs)} support image(s), but this server's "
+                             f"{getattr(self.episode, 'name', 'engine')} engine was built for {self.shots} shot(s): "
+                             f"send {self.shots}, or serve an engine exported with --shots {len(imgs)}")
+        return imgs, masks
+
     def _id_of(self, imgs, masks) -> str:
         return support_id(imgs, masks, self.key)
 
     # ---- the three callables (lists of PyTriton requests -> list of response dicts) ------------------------
     def infer_register(self, requests) -> list[dict[str, np.ndarray]]:
-        ok, errors = self._decode_all(REGISTER, requests, lambda r: decode_supports(r, REGISTER, self.limits))
+        ok, errors = self._decode_all(REGISTER, requests, lambda r: self._supports(r, REGISTER))
         ids = {i: self._id_of(*sets) for i, sets in ok}
         todo = [(i, sets) for i, sets in ok if ids[i] not in self.store]
         for (i, _), feats in zip(todo, self._encode([s for _, s in todo])):
@@ -179,7 +188,7 @@ class FSSAMService:
 
     def infer_segment(self, requests) -> list[dict[str, np.ndarray]]:
         def decode(r):
-            return decode_queries(r, SEGMENT, self.limits), decode_supports(r, SEGMENT, self.limits)
+            return decode_queries(r, SEGMENT, self.limits), self._supports(r, SEGMENT)
 
         ok, errors = self._decode_all(SEGMENT, requests, decode)
         feats = self._encode([sets for _, (_, sets) in ok])

@@ -115,3 +115,22 @@ def test_mixed_batch_keeps_good_requests(service, episode_files):
         assert out[i]["error"][0, 0] == b"" and out[i]["mask"].shape == (1, 200, 300)
     with pytest.raises(InputError, match="every request of this batch failed: request 0: .* \\| request 1: "):
         service.infer_segment_cached([bad, bad])
+
+
+def test_engine_shots_checked_before_encoding(tiny_graphs, tiny_cfg, episode_files):
+    """An engine exported for K shots refuses another count at register / segment, naming both (before the supports
+    are encoded); K supports pass. The PyTorch pipeline takes any count."""
+    from fssam_deploy.backends.registry import open_backend
+
+    f = episode_files
+    with open_backend("onnxruntime", tiny_cfg, engine_dir=str(tiny_graphs)) as ep:
+        assert ep.fixed_shots() == tiny_cfg.shots == 1
+        svc = FSSAMService(ep, "random:0")
+        two = _support_req(f, 0)  # 2 shots
+        for call, req in ((svc.infer_register, two), (svc.infer_segment, {"query": _b(f["query"][0].read_bytes()),
+                                                                           **two})):
+            with pytest.raises(InputError, match=r"2 support image\(s\).*onnxruntime engine was built for 1 shot"):
+                call([req])
+        one = {k: v[:, :1] for k, v in two.items()}
+        (reg,) = svc.infer_register([one])
+        assert reg["error"][0, 0] == b"" and len(reg["support_id"][0, 0]) == 64

@@ -12,7 +12,9 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton")
+pytestmark = pytest.mark.pytriton
+pytest.importorskip("pytriton", reason="the live-server tests need the serving environment (nvidia-pytriton, "
+                    "numpy<2): bash quickstart.sh test-serve")
 pytest.importorskip("tritonclient.http")
 
 from fssam_deploy.client import FSSAMClient  # noqa: E402

@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton")
+pytestmark = pytest.mark.pytriton
+pytest.importorskip("pytriton", reason="the live-server tests need the serving environment (nvidia-pytriton, "
+                    "numpy<2): bash quickstart.sh test-serve")
 pytest.importorskip("tritonclient.http")
 
 from fssam_deploy.errors import InputError  # noqa: E402
