@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -249,9 +249,12 @@ def main(argv=None) -> int:
         box["server"].stop()
         episode.close()
         registry.cleanup()
-    result = {"preset": args.preset, "backend": args.backend, "cpu": platform.processor() or platform.machine(),
+    from fssam_deploy.hostinfo import host_summary
+
+    result = {"preset": args.preset, "backend": args.backend, "host": host_summary(torch.get_num_threads()),
               "torch": torch.__version__, "in_process_ms": inproc_ms, "in_process_best_qps": best, "levels": rows,
-              "soak": soak_counts, "command": "python benchmarks/bench_serve.py " + " ".join(argv or [])}
+              "soak": soak_counts,
+              "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     write(result, Path(args.out))
     return 0
 
@@ -260,7 +263,8 @@ def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(result, indent=2, default=str))
     best = max(result["in_process_best_qps"].values())
-    lines = [f"in-process cached query: {result['in_process_ms']:.1f} ms; best batched {best:.2f} queries/s", "",
+    lines = [f"{result['preset']} config, {result['backend']} backend, {result['host']}", "",
+             f"in-process cached query: {result['in_process_ms']:.1f} ms; best batched {best:.2f} queries/s", "",
              "| clients | n | p50 ms | p90 ms | p99 ms | q/s | vs in-process latency | vs best q/s | Triton queue ms | "
              "compute input ms | compute infer ms | compute output ms | requests / execution |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
