@@ -114,6 +114,7 @@ class FSSAMServer:
         self.triton = None
         self.service: FSSAMService | None = None
         self._stopped = threading.Event()
+        self._released = threading.Event()  # set when stop() is done (ends the owner thread, see start())
         self._logdir = tempfile.TemporaryDirectory(prefix="fssam-serve-")  # Triton's log unless --verbose
 
     def log(self) -> str:
@@ -134,6 +135,32 @@ class FSSAMServer:
         return f"http://{self.st.host}:{self.st.metrics_port}/metrics"
 
     def start(self) -> FSSAMServer:
+        """Start and wait until it answers. From a thread other than the main one, the server is started from a
+        thread of its own that lives until `stop()`: PyTriton starts tritonserver with PR_SET_PDEATHSIG, so
+        tritonserver gets SIGTERM when the *thread* that started it ends (seen: a server restarted from a
+        worker thread died when that worker finished)."""
+        if threading.current_thread() is threading.main_thread():
+            return self._start()
+        box: dict = {}
+        started = threading.Event()
+
+        def own() -> None:
+            try:
+                self._start()
+            except BaseException as exc:  # handed to the caller below
+                box["exc"] = exc
+            finally:
+                started.set()
+            if "exc" not in box:
+                self._released.wait()  # until stop() has stopped tritonserver
+
+        threading.Thread(target=own, name="fssam-serve-owner", daemon=True).start()
+        started.wait()
+        if "exc" in box:
+            raise box["exc"]
+        return self
+
+    def _start(self) -> FSSAMServer:
         try:
             from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
         except ImportError as exc:
@@ -196,6 +223,7 @@ class FSSAMServer:
             if self._owns_episode and self._episode is not None and hasattr(self._episode, "close"):
                 self._episode.close()
             self._logdir.cleanup()
+            self._released.set()
 
     def __enter__(self) -> FSSAMServer:
         return self.start()

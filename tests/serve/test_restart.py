@@ -75,3 +75,27 @@ def test_replica_sigterm_restart(server, client, episode_files, registry_dir, tm
     with ServerProcess(registry_dir, tmp_path / "c.log") as c, FSSAMClient(c.url, timeout_s=300) as cc:
         np.testing.assert_array_equal(cc.segment(f["query"][0], support_id=sid1)[0], want1)  # restart: old ids
         np.testing.assert_array_equal(cc.segment(f["query"][1], support_id=sid0)[0], want0)
+
+
+def test_server_started_from_a_thread_outlives_it(tiny_cfg, tiny_pipeline, episode_files, tmp_path):
+    """PyTriton ties tritonserver to the thread that starts it (PR_SET_PDEATHSIG: SIGTERM when that thread ends).
+    A server started from a worker thread that then finishes (a restart from a request handler, a benchmark's
+    client thread) still answers, and stop() stops it."""
+    from fssam_deploy.serve.server import FSSAMServer, ServeSettings
+
+    st = ServeSettings(http_port=0, grpc_port=0, metrics_port=0, registry=str(tmp_path / "reg"), exit_timeout_s=5)
+    srv = FSSAMServer(st, tiny_cfg, episode=tiny_pipeline)
+    try:
+        t = threading.Thread(target=srv.start)
+        t.start()
+        t.join()
+        time.sleep(3)  # tritonserver's SIGTERM, if it came, has been handled by now
+        assert srv.is_alive()
+        f = episode_files
+        with FSSAMClient(srv.http_url, timeout_s=300) as c:
+            sid = c.register(f["supports"][0], f["masks"][0])
+            mask, _ = c.segment(f["query"][0], support_id=sid)
+        assert mask.shape == (200, 300)
+    finally:
+        srv.stop()
+    assert not srv.is_alive()
