@@ -156,7 +156,8 @@ def soak(server_box, cfg, sets, ids, refs, total: int, bad_frac: float, limit_s:
                     except FSSAMError as exc:
                         if "cannot reach" not in str(exc) and "unavailable" not in str(exc).lower():
                             with lock:
-                                counts["other_errors"].append(str(exc)[:200])
+                                counts["other_errors"].append({"request": i, "after_restart": restarted.is_set(),
+                                                               "error": str(exc)[-2000:]})
                             mask = None
                             break
                         with lock:
