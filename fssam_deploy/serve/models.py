@@ -83,7 +83,7 @@ class FSSAMService:
         self.store = store if store is not None else SupportStore(self.key, budget_bytes, registry)
         self.limits = limits or Limits()
         self.feature_cls = support_class(episode)
-        self.shots = episode.fixed_shots() if hasattr(episode, "fixed_shots") else None  # None: any K
+        self.shots = episode.fixed_shots()  # None: any K
         self.lock = threading.Lock()
         self.batch_sizes: dict[str, list[int]] = defaultdict(list)  # requests per call, per model
 
