@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     sets = [(q, sup, [m.astype(np.uint8) for m in masks]) for q, _, sup, masks in sets]
     registry = tempfile.TemporaryDirectory(prefix="fssam-bench-serve-")
     st = ServeSettings(backend=args.backend, engine_dir=args.engine_dir, http_port=0, grpc_port=0, metrics_port=0,
-                       registry=registry.name, max_batch=8, instances=2, exit_timeout_s=10,
+                       registry=registry.name, max_batch=8, instances=2,
                        limits=Limits(max_request_bytes=8 << 20))
     box = {"server": FSSAMServer(st, cfg, episode=episode).start()}
     box["url"] = box["server"].http_url

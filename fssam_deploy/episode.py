@@ -75,6 +75,7 @@ class Episode:
         self.cfg = cfg
         self._device = torch.device(device)
         self.stage_times: dict[str, float] | None = None
+        self.stage_flops: dict[str, int] | None = None
         self.name = "episode"
         self.settings: dict = {}
         self.manifest = None
@@ -118,7 +119,24 @@ class Episode:
         finally:
             self.stage_times = None
 
+    @contextlib.contextmanager
+    def counting_flops(self) -> Iterator[dict[str, int]]:
+        """Sum each stage's FLOPs (matmul, convolution, attention) into the yielded dict while inside; only
+        stages that run PyTorch ops (the torch backends) count anything."""
+        self.stage_flops = {}
+        try:
+            yield self.stage_flops
+        finally:
+            self.stage_flops = None
+
     def _run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.stage_flops is not None:
+            from fssam_deploy.bench.flops import flop_counter_mode
+
+            with flop_counter_mode() as counter:
+                out = run_stage(self.runners[name], feed)
+            self.stage_flops[name] = self.stage_flops.get(name, 0) + counter.get_total_flops()
+            return out
         times = self.stage_times
         if times is None or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return run_stage(self.runners[name], feed)  # untimed (or being recorded into a CUDA graph)

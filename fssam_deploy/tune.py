@@ -106,7 +106,7 @@ def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, 
         b = registry.get(name)
         row = {"backend": name, "accuracy": b.accuracy, "precision": b.precision, "engine_format": b.engine_format}
         st = BenchSettings(backends=[name], batches=[1], shots=[cfg.shots], cfg=cfg, warmup=warmup, iters=iters,
-                           device=str(device), checkpoint=checkpoint, seed=seed, threads=threads)
+                           device=str(device), checkpoint=checkpoint, seed=seed, threads=threads, gemm_floor=False)
         try:
             r = run_bench(st, progress=progress)["rows"][0]
         except (FSSAMError, RuntimeError, OSError, ValueError) as exc:  # one backend's failure is its row's

@@ -142,6 +142,11 @@ CASES = {
     "export-triton-repo-static-batch": ([*EXPORT, "--triton-repo", "repo"], OURS),
     "eval-unknown-flag": (["eval", "--nope-flag"], USAGE),
     "serve-unknown-flag": (["serve", "--nope-flag"], USAGE),
+    "serve-instances-0": (["serve", *TINY, "--instances", "0"], OURS),
+    "serve-max-batch-negative": (["serve", *TINY, "--max-batch", "-1"], OURS),
+    "serve-exit-timeout-over-pytriton": (["serve", *TINY, "--exit-timeout", "60"], OURS),
+    "serve-port-out-of-range": (["serve", *TINY, "--http-port", "70000"], OURS),
+    "serve-max-request-mb-0": (["serve", *TINY, "--max-request-mb", "0"], OURS),
     "client-unknown-flag": (["client", "--nope-flag"], USAGE),
 }
 

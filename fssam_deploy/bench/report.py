@@ -6,11 +6,19 @@ import json
 from pathlib import Path
 
 
+def _device(env: dict) -> str:
+    """The GPU, or the CPU model with its ISA features and threads (`hostinfo.host_summary`)."""
+    if env.get("gpu"):
+        return f"{env['gpu']} ({env['device']})"
+    if env.get("host"):
+        return f"{env['host']} ({env['device']})"
+    return f"{env['processor']} ({env['device']}, {env['threads']} threads)"
+
+
 def markdown_table(result: dict) -> str:
     env, cfg = result["environment"], result["config"]
     lines = [f"Config: {cfg['sam2_config']} + {cfg['dino']}, {cfg['image_size']} px, {cfg['num_refine']} x "
-             f"{cfg['refine']}. Device: {env.get('gpu', env['processor'])} ({env['device']}, "
-             f"{env['threads']} threads), torch {env['torch']}"
+             f"{cfg['refine']}. Device: {_device(env)}, torch {env['torch']}"
              + (f", onnxruntime {env['onnxruntime']}" if "onnxruntime" in env else "") + ".", "",
              "| backend | K | B | episode median ms | p90 ms | episodes/s | cached query ms | queries/s (cached) "
              "| cached speed-up | overhead % | mask IoU | max logit err | peak RSS MiB |",
@@ -29,7 +37,31 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         vals = " | ".join(f"{r['stages_ms'].get(n, float('nan')):.1f}" for n in names)
         lines.append(f"| {r['backend']} | {r['shots']} | {r['batch']} | {vals} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + floor_table(result)) + "\n"
+
+
+def floor_table(result: dict) -> list[str]:
+    """The GEMM floor section: the episode's FLOPs per stage and each backend's episode time over the bf16 floor
+    (FLOPs / the bf16 matmul rate measured in the same run); empty when the bench did not count FLOPs."""
+    rows = [r for r in result["rows"] if "gflop" in r]
+    rates = result["environment"].get("matmul_gflops")
+    if not rows or not rates:
+        return []
+    names = sorted({k for r in rows for k in r["stage_gflop"]})
+    lines = ["", f"GEMM floor: matmul 2048^3 on this device, fp32 {rates['fp32']:.0f} GFLOP/s, bf16 "
+             f"{rates['bf16']:.0f} GFLOP/s; an episode's FLOPs (matmul, convolution, attention) over the bf16 rate "
+             "is its floor.", "",
+             "| K | B | " + " | ".join(f"{n} GFLOP" for n in names) + " | episode GFLOP | bf16 floor ms |",
+             "|---|---|" + "---|" * (len(names) + 2)]
+    for k, b in sorted({(r["shots"], r["batch"]) for r in rows}):
+        r = next(r for r in rows if (r["shots"], r["batch"]) == (k, b))
+        vals = " | ".join(f"{r['stage_gflop'].get(n, 0.0):.1f}" for n in names)
+        lines.append(f"| {k} | {b} | {vals} | {r['gflop']:.1f} | {r['bf16_floor_ms']:.1f} |")
+    lines += ["", "| backend | K | B | episode median ms | episode / bf16 floor |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['shots']} | {r['batch']} | {r['episode']['median_ms']:.1f} | "
+                     f"{r['vs_bf16_floor']:.2f}x |")
+    return lines
 
 
 BASELINE = "torch"  # PyTorch eager fp32: every speed-up is over it

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fssam_deploy.backends.registry import get, open_backend
+from fssam_deploy.bench.flops import floor_fields, matmul_gflops
 from fssam_deploy.bench.timing import Stats, Timer, current_rss_mb, peak_rss_mb, synchronize
 from fssam_deploy.hostinfo import cpu_info, host_summary
 from fssam_deploy.manifest import folder_format
@@ -31,11 +32,14 @@ class BenchSettings:
     seed: int = 0
     engine_dir: str | None = None
     threads: int | None = None
+    gemm_floor: bool = True  # count the episode's FLOPs and time fp32 / bf16 matmuls (the moonshot's floor)
     extra: dict = field(default_factory=dict)
 
 
-def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor | None) -> dict:
-    """Episode latency, stage breakdown, cached-support latency, parity, memory."""
+def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor | None,
+                    floor: tuple[dict, float | None] | None = None) -> dict:
+    """Episode latency, stage breakdown, cached-support latency, parity, memory; with `floor` (the episode's
+    FLOPs per stage, the bf16 matmul GFLOP/s), the GEMM floor and the episode's time over it."""
     q, sx, sy = (t.to(backend.device) for t in inputs)
     timer, episode, cached, stage_runs = Timer(backend.device), Stats(), Stats(), []
 
@@ -73,6 +77,8 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
         row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
     if reference is not None:
         row.update(parity(logits, reference))
+    if floor is not None:
+        row.update(floor_fields(floor[0], episode.median_ms, floor[1]))
     return row
 
 
@@ -102,6 +108,8 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
     if st.threads:
         torch.set_num_threads(st.threads)
     rows = []
+    rates = ({"fp32": matmul_gflops(torch.float32, st.device), "bf16": matmul_gflops(torch.bfloat16, st.device)}
+             if st.gemm_floor else {})
     cases = [(k, b) for k in st.shots for b in st.batches]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("benchmark", total=len(cases) * len(st.backends))
@@ -118,18 +126,24 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
             try:
                 for batch in st.batches:
                     inputs = episode_tensors(cfg, batch, shots, st.seed)
-                    ref = ref_backend.segment_query(inputs[0].to(st.device),
-                                                    ref_backend.encode_supports(*(t.to(st.device) for t in inputs[1:])))
+                    with ref_backend.counting_flops() as flops:  # the model's FLOPs, the same on every backend
+                        ref = ref_backend.segment_query(inputs[0].to(st.device),
+                                                        ref_backend.encode_supports(*(t.to(st.device)
+                                                                                      for t in inputs[1:])))
+                    floor = (dict(flops), rates.get("bf16")) if st.gemm_floor else None
                     for be in backends:
                         bar.update(task, description=f"{be.name} K={shots} B={batch}")
                         with torch.inference_mode():
-                            rows.append(measure_backend(be, inputs, st, ref))
+                            rows.append(measure_backend(be, inputs, st, ref, floor))
                         bar.advance(task)
             finally:
                 for be in (*backends, ref_backend):
                     be.close()
     settings = {k: v for k, v in st.__dict__.items() if k != "cfg"}
-    result = {"config": st.cfg.to_dict(), "settings": settings, "environment": environment(st), "rows": rows}
+    env = environment(st)
+    if rates:
+        env["matmul_gflops"] = rates  # 2048^3, best of up to 10, this process's threads
+    result = {"config": st.cfg.to_dict(), "settings": settings, "environment": env, "rows": rows}
     if out_dir is not None:
         from fssam_deploy.bench.report import write_report
 

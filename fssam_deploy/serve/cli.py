@@ -38,7 +38,9 @@ def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> Non
     p.add_argument("--max-request-mb", type=float, default=64.0, help="refuse requests with more input data")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
     p.add_argument("--max-supports", type=int, default=16, help="refuse more supports per request")
-    p.add_argument("--exit-timeout", type=int, default=10, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--exit-timeout", type=int, default=25, help="seconds the requests in flight and queued get to "
+                   "finish on SIGTERM (at most 25: PyTriton kills tritonserver 30 s after asking it to stop); "
+                   "requests still queued then get an error response")
     p.add_argument("--verbose", action="store_true", help="print Triton's log")
     if config_from_args is not None:
         p.set_defaults(func=lambda args: cmd_serve(args, config_from_args))
@@ -61,6 +63,28 @@ def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> Non
     s.add_argument("--logits", help="logits .npy at the query's size (a folder for several queries)")
 
 
+def check_serve_flags(args) -> None:
+    """Every number `fssam serve` takes, checked before anything is loaded (one `error:` line naming the flag)."""
+    from fssam_deploy.errors import ConfigError
+    from fssam_deploy.preflight import check_positive
+    from fssam_deploy.serve.server import MAX_EXIT_TIMEOUT_S
+
+    for flag, value, minimum in (("--instances", args.instances, 1), ("--max-batch", args.max_batch, 1),
+                                 ("--queue-delay-us", args.queue_delay_us, 0), ("--memory-mb", args.memory_mb, 1),
+                                 ("--max-pixels", args.max_pixels, 1), ("--max-supports", args.max_supports, 1),
+                                 ("--exit-timeout", args.exit_timeout, 1)):
+        check_positive(flag, value, minimum)
+    if args.exit_timeout > MAX_EXIT_TIMEOUT_S:
+        raise ConfigError(f"--exit-timeout {args.exit_timeout}: at most {MAX_EXIT_TIMEOUT_S} (PyTriton kills "
+                          "tritonserver 30 s after asking it to stop, cutting off what is still in flight)")
+    for flag in ("--http-port", "--grpc-port", "--metrics-port"):
+        port = getattr(args, flag[2:].replace("-", "_"))
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} {port}: give a port in 1..65535, or 0 for a free one")
+    if not args.max_request_mb > 0:
+        raise ConfigError(f"--max-request-mb {args.max_request_mb}: must be > 0")
+
+
 def _settings(args):
     from fssam_deploy.serve.codec import Limits
     from fssam_deploy.serve.server import ServeSettings
@@ -81,6 +105,7 @@ def cmd_serve(args, config_from_args) -> int:
 
     from fssam_deploy.serve.server import serve
 
+    check_serve_flags(args)
     cfg = config_from_args(args, shots=args.shots)
     resolve_auto_backend(args, cfg)
     if not (args.checkpoint or args.sam2_checkpoint or args.dino_checkpoint):

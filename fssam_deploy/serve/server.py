@@ -28,6 +28,9 @@ from fssam_deploy.serve.codec import Limits
 from fssam_deploy.serve.models import FSSAMService, bind_models
 
 START_ATTEMPTS = 3
+# PyTriton's stop() sends tritonserver SIGINT, waits 30 s, then kills it: Triton's own exit timeout (the time it
+# gives requests in flight and queued) must end before that, or those requests are cut off with the process.
+MAX_EXIT_TIMEOUT_S = 25
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ServeSettings:
     registry: str | None = None
     memory_mb: int = 1024
     limits: Limits = field(default_factory=Limits)
-    exit_timeout_s: int = 10
+    exit_timeout_s: int = MAX_EXIT_TIMEOUT_S
     verbose: bool = False
 
 

@@ -1,5 +1,5 @@
 """Servers as processes (`python -m fssam_deploy.serve serve`): a second replica on the session's registry folder,
-SIGTERM with a request in flight (answered, exit 0, registry flushed), and a restart serving the old ids."""
+SIGTERM with four requests in flight (all answered, exit 0, registry flushed), and a restart serving the old ids."""
 
 from __future__ import annotations
 
@@ -24,15 +24,14 @@ TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-siz
 
 
 class ServerProcess:
-    """`python -m fssam_deploy.serve serve` on free ports; always killed on exit (also on failure)."""
+    """`python -m fssam_deploy.serve serve` on free ports; always stopped on exit (also on failure)."""
 
     def __init__(self, registry, log):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = open(log, "w")  # noqa: SIM115 - closed in __exit__
         cmd = [sys.executable, "-m", "fssam_deploy.serve", "serve", *TINY, "--registry", str(registry),
-               "--http-port", str(self.port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-               "--exit-timeout", "20"]
+               "--http-port", str(self.port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self):
@@ -45,9 +44,13 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=60)
+        if self.proc.poll() is None:  # SIGTERM first: a killed server cannot remove its temporary log folder
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=60)
         self.log.close()
 
 
@@ -61,17 +64,24 @@ def test_replica_sigterm_restart(server, client, episode_files, registry_dir, tm
         want1, _ = cb.segment(f["query"][0], support_id=sid1)
         inflight = {}
 
-        def in_flight():  # its own client: a tritonclient HTTP client is not shared across threads
+        def in_flight(n):  # its own client: a tritonclient HTTP client is not shared across threads
             with FSSAMClient(b.url, timeout_s=300) as c:
-                inflight["r"] = c.segment(f["query"][0], supports=f["supports"][1], masks=f["masks"][1])
+                try:
+                    inflight[n] = c.segment(f["query"][0], supports=f["supports"][1], masks=f["masks"][1])[0]
+                except Exception as exc:  # noqa: BLE001 - asserted below, with the server's log
+                    inflight[n] = exc
 
-        t = threading.Thread(target=in_flight)
-        t.start()
-        time.sleep(0.3)
+        threads = [threading.Thread(target=in_flight, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # all four received: several seconds of work queued (one encodes and segments at a time)
         b.proc.send_signal(signal.SIGTERM)
-        t.join(timeout=300)
+        for t in threads:
+            t.join(timeout=300)
         assert b.proc.wait(timeout=120) == 0, (tmp_path / "b.log").read_text()[-3000:]
-        np.testing.assert_array_equal(inflight["r"][0], want1)  # the request in flight was answered
+        for n in range(4):  # every request in flight or queued at SIGTERM was answered (default --exit-timeout)
+            assert isinstance(inflight[n], np.ndarray), (inflight[n], (tmp_path / "b.log").read_text()[-3000:])
+            np.testing.assert_array_equal(inflight[n], want1)
     with ServerProcess(registry_dir, tmp_path / "c.log") as c, FSSAMClient(c.url, timeout_s=300) as cc:
         np.testing.assert_array_equal(cc.segment(f["query"][0], support_id=sid1)[0], want1)  # restart: old ids
         np.testing.assert_array_equal(cc.segment(f["query"][1], support_id=sid0)[0], want0)
