@@ -2,7 +2,8 @@
 
 `openvino`: fp32 IR compiled with `INFERENCE_PRECISION_HINT` f32, set explicitly (on CPUs with AMX or
 AVX512-BF16, OpenVINO's default is bf16). `openvino-bf16`: the same IR with the bf16 hint (native on AMX /
-AVX512-BF16 CPUs; elsewhere OpenVINO ignores it and the episode's settings say so). `openvino-int8`: DINOv2
+AVX512-BF16 CPUs; elsewhere OpenVINO ignores it and the episode's settings say so), the decoder compiled f32
+(`runner.F32_UNDER_BF16`: its IoU head picks the mask). `openvino-int8`: DINOv2
 quantized by NNCF on synthetic episodes (or `--calibration-dir` images); the image encoder stays fp32 by default
 (its int8 form, with the ONNX path's fp32 cones, cost mask IoU: `quantize.QUANTIZED_STAGES`).
 Nothing here imports OpenVINO until an IR folder is built or loaded.
@@ -79,7 +80,7 @@ for _b in (
             load=_load("fp32", "openvino"), requires=("openvino",), extra="openvino", engine_source=ENGINE_SOURCE,
             build_format="openvino", loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-bf16", summary="OpenVINO fp32 IR under INFERENCE_PRECISION_HINT bf16 (AMX / AVX512-BF16 "
-            "CPUs; f32 elsewhere)", load=_load("bf16", "openvino-bf16"), requires=("openvino",), extra="openvino",
+            "CPUs; f32 elsewhere), decoder f32", load=_load("bf16", "openvino-bf16"), requires=("openvino",), extra="openvino",
             engine_source=f"{ENGINE_SOURCE} --precision bf16", precision="bf16", accuracy="fast",
             loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-int8", summary="OpenVINO IR, DINOv2 int8 (NNCF post-training, attention "
