@@ -10,8 +10,10 @@ sides (against the same or different support sets) as one `segment_query` call p
 support features concatenated along the batch axis.
 
 Errors: PyTriton fails a whole batch when its callable raises, so a request that fails its checks does
-not raise while another request of its batch is good: its response then holds an empty mask and its
-message in the `error` output (the client raises it as an InputError). When every request of a batch
+not raise while another request of its batch is good: its response then holds a 1x1 zero mask and its
+message in the `error` output (the client raises it as an InputError). Not an empty (b, 0, 0) mask: PyTriton's
+shared-memory tensor store cannot hold zero-size arrays (`memoryview.cast` refuses zeros in the shape), and
+that failed the whole batch, the good requests with it. When every request of a batch
 fails (a lone request, the usual case), the callable raises and Triton returns an error response with
 every message.
 """
@@ -86,6 +88,7 @@ class FSSAMService:
         self.shots = episode.fixed_shots()  # None: any K
         self.lock = threading.Lock()
         self.batch_sizes: dict[str, list[int]] = defaultdict(list)  # requests per call, per model
+        self.partial_failures: dict[str, int] = defaultdict(int)  # calls where some, not all, requests failed
 
     # ---- model work (batched) ------------------------------------------------------------------------------
     def _encode(self, sets: list[tuple[list, list]]) -> list[dict[str, torch.Tensor]]:
@@ -144,7 +147,7 @@ class FSSAMService:
         for i, req in enumerate(requests):
             if i in errors:
                 b = max(1, next(iter(req.values())).shape[0]) if len(req) else 1
-                resp.append({"mask": np.zeros((b, 0, 0), np.uint8), "logits": np.zeros((b, 0, 0), np.float32),
+                resp.append({"mask": np.zeros((b, 1, 1), np.uint8), "logits": np.zeros((b, 1, 1), np.float32),
                              "error": np.array([[errors[i].encode()]] * b, dtype=object)})
                 continue
             masks, logits = zip(*results[i])
@@ -162,6 +165,8 @@ class FSSAMService:
                 errors[i] = str(exc)
         if errors and not ok:
             self._fail_all(model, errors, len(requests))
+        if errors:
+            self.partial_failures[model] += 1
         self.batch_sizes[model].append(len(requests))
         return ok, errors
 

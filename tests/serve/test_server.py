@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,54 @@ def test_concurrent_clients(server, episode_files, reference):
     assert len(done) == 24
     sizes = server.service.batch_sizes["fssam_segment_cached"][calls:]
     assert sum(sizes) == 24 and max(sizes) > 1, sizes  # dynamic batching joined requests
+
+
+def test_bad_request_batched_with_good_ones(server, episode_files, reference):
+    """A bad request that the dynamic batcher joins with good ones fails alone over the wire; the good ones get
+    their masks (an error response's arrays must not be zero-size: PyTriton's shared-memory store refuses those,
+    which once failed whole batches)."""
+    from fssam_deploy.client import FSSAMClient
+
+    f = episode_files
+    with FSSAMClient(server.http_url, timeout_s=300) as c:
+        sid = c.register(f["supports"][0], f["masks"][0])
+    unknown = np.array([[b"e" * 64]], dtype=object)
+    q = np.array([[f["query"][0].read_bytes()]], dtype=object)
+    before = server.service.partial_failures["fssam_segment_cached"]
+    errors, good, bad = [], [], []
+
+    def good_work():
+        try:
+            with FSSAMClient(server.http_url, timeout_s=300) as c:
+                for _ in range(2):
+                    np.testing.assert_array_equal(c.segment(f["query"][0], support_id=sid)[0], reference.mask)
+                    good.append(1)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def bad_work():
+        try:
+            with FSSAMClient(server.http_url, timeout_s=300) as c:
+                for _ in range(3):
+                    time.sleep(1.0)  # both instances busy with good requests: it queues with others
+                    with pytest.raises(InputError, match=f"support_id {'e' * 64}: unknown"):
+                        _raw(c, "fssam_segment_cached", {"query": q, "support_id": unknown})
+                    bad.append(1)
+        except BaseException as exc:  # noqa: BLE001 - pytest.raises' failure is a BaseException; reported below
+            errors.append(exc)
+
+    for _ in range(3):  # until the batcher has joined a bad request with good ones (the first round, in practice)
+        threads = [threading.Thread(target=good_work) for _ in range(8)] + [threading.Thread(target=bad_work)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not errors, errors[:3]
+        if server.service.partial_failures["fssam_segment_cached"] > before:
+            break
+    assert server.service.partial_failures["fssam_segment_cached"] > before, "no mixed batch formed"
+    assert len(good) % 16 == 0 and len(bad) % 3 == 0 and good and bad
+    assert server.is_alive()
 
 
 def test_stats_and_metrics(server, client):
