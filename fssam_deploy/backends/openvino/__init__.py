@@ -80,7 +80,8 @@ for _b in (
             load=_load("fp32", "openvino"), requires=("openvino",), extra="openvino", engine_source=ENGINE_SOURCE,
             build_format="openvino", loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-bf16", summary="OpenVINO fp32 IR under INFERENCE_PRECISION_HINT bf16 (AMX / AVX512-BF16 "
-            "CPUs; f32 elsewhere), decoder f32", load=_load("bf16", "openvino-bf16"), requires=("openvino",), extra="openvino",
+            "CPUs; f32 elsewhere), decoder f32", load=_load("bf16", "openvino-bf16"), requires=("openvino",),
+            extra="openvino",
             engine_source=f"{ENGINE_SOURCE} --precision bf16", precision="bf16", accuracy="fast",
             loads=_FLOAT_IR, **_COMMON),
     Backend("openvino-int8", summary="OpenVINO IR, DINOv2 int8 (NNCF post-training, attention "
