@@ -8,8 +8,9 @@ quantized by NNCF on synthetic episodes (or `--calibration-dir` images); the ima
 (its int8 form, with the ONNX path's fp32 cones, cost mask IoU: `quantize.QUANTIZED_STAGES`).
 Nothing here imports OpenVINO until an IR folder is built or loaded.
 
-Why plain OpenVINO and not ONNX Runtime's OpenVINO execution provider: see `benchmarks/bench_openvino.py`
-(`--ep`); the provider runs the same CPU plugin behind ONNX Runtime's session, needs its own onnxruntime build
+Why plain OpenVINO and not ONNX Runtime's OpenVINO execution provider: `benchmarks/bench_openvino.py
+--ep-python` measured it no faster (paper DINOv2 graph, AVX2 EPYC: provider 3704 ms, plain OpenVINO 3145 ms;
+README); the provider runs the CPU plugin behind ONNX Runtime's session, needs its own onnxruntime build
 (`onnxruntime-openvino` replaces `onnxruntime`) and gives no zero-copy output binding of its own.
 """
 
