@@ -4,14 +4,16 @@
         [--no-episode] [--ep-python /tmp/venv-ovep/bin/python]
 
 Per graph (DINOv2, SAM 2 image encoder; batch 1, a synthetic query image): ONNX Runtime CPU fp32, OpenVINO fp32
-(INFERENCE_PRECISION_HINT f32), OpenVINO bf16 hint, OpenVINO int8 (NNCF IR of `fssam build --precision int8`),
-iterations interleaved round-robin so that a busy machine slows every runner alike; median ms and the max error
-relative to ONNX Runtime's output scale. Episodes (1-shot, batch 1): torch, onnxruntime, openvino, openvino-int8
-through `backends.open_backend`, mask IoU against torch. `--ep-python`: a Python whose environment has
-`onnxruntime-openvino` (it replaces `onnxruntime`, so it lives in its own venv) times ONNX Runtime's OpenVINO
-execution provider on the DINOv2 graph against that environment's CPU provider. The fp32 and bf16 matmul rates
-of this CPU (`bench.flops.matmul_gflops`) are measured in the same run, for the GEMM floor. Prints a table and writes
-`benchmarks/results/bench_openvino_<preset>_<cpu>.json` with the CPU named and the load average.
+(INFERENCE_PRECISION_HINT f32), OpenVINO bf16 hint, OpenVINO int8 (NNCF IR of `fssam build --precision int8`)
+with the f32 and with the bf16 hint, iterations interleaved round-robin so that a busy machine slows every
+runner alike; median ms and the max error relative to ONNX Runtime's output scale. Episodes (1-shot, batch 1,
+one warm-up each): torch, torch-bf16, onnxruntime, openvino, openvino-bf16, openvino-int8 and
+openvino-int8-bf16 through `backends.open_backend`, mask IoU against torch. `--ep-python`: a Python whose
+environment has `onnxruntime-openvino` (it replaces `onnxruntime`, so it lives in its own venv) times ONNX
+Runtime's OpenVINO execution provider on the DINOv2 graph against that environment's CPU provider. The fp32 and
+bf16 matmul rates of this CPU (`bench.flops.matmul_gflops`) are measured in the same run, for the GEMM floor.
+Prints a table and writes `benchmarks/results/bench_openvino_<preset>_<cpu>.json` with the CPU named and the
+load average.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def graph_runners(onnx_dir: Path, ov: dict[str, Path], stage: str, cfg: FSSAMCon
             "openvino": OpenVinoRunner(ov["fp32"] / f"{stage}.xml", spec, cfg, compile_config("f32", threads)),
             "openvino-bf16 (hint)": OpenVinoRunner(ov["fp32"] / f"{stage}.xml", spec, cfg,
                                                    compile_config("bf16", threads)),
-            "openvino-int8": OpenVinoRunner(ov["int8"] / f"{stage}.xml", spec, cfg, compile_config("f32", threads))}
+            "openvino-int8": OpenVinoRunner(ov["int8"] / f"{stage}.xml", spec, cfg, compile_config("f32", threads)),
+            "openvino-int8 + bf16 hint": OpenVinoRunner(ov["int8"] / f"{stage}.xml", spec, cfg,
+                                                        compile_config("bf16", threads))}
 
 
 def time_graphs(onnx_dir, ov, cfg, threads, iters) -> list[dict]:
@@ -100,10 +104,13 @@ def time_graphs(onnx_dir, ov, cfg, threads, iters) -> list[dict]:
 
 def time_episodes(cfg, onnx_dir, ov, threads, iters) -> list[dict]:
     q, sx, sy = episode_tensors(cfg, 1, 1, 0)
-    dirs = {"torch": None, "onnxruntime": onnx_dir, "openvino": ov["fp32"], "openvino-int8": ov["int8"]}
+    dirs = {"torch": None, "torch-bf16": None, "onnxruntime": onnx_dir, "openvino": ov["fp32"],
+            "openvino-bf16": ov["fp32"], "openvino-int8": ov["int8"], "openvino-int8-bf16": ov["int8"]}
     eps = {n: open_backend(n, cfg, engine_dir=d, seed=0, threads=threads) for n, d in dirs.items()}
     try:
         ref = eps["torch"].segment(q, sx, sy)
+        for ep in eps.values():  # warm-up
+            ep.segment(q, sx, sy)
         times = {n: [] for n in eps}
         for _ in range(iters):
             for n, ep in eps.items():

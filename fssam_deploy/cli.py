@@ -298,7 +298,8 @@ def cmd_verify(args) -> int:
         check_writable_folder(Path(args.json).parent, f"--json {args.json}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch, device=args.device)
+        report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch, device=args.device,
+                        backend=args.backend)
     print(report.table())
     if args.json:
         import json
@@ -381,6 +382,8 @@ def add_artifact_parsers(sub) -> None:
     v.add_argument("--checkpoint", help="the checkpoint the folder was made from (if any)")
     v.add_argument("--batch", type=int, default=1)
     v.add_argument("--device", default="cpu", help="where the folder's backend runs")
+    v.add_argument("--backend", help="the backend that runs the folder (default: its format's reader of the "
+                   "folder's precision; e.g. openvino-bf16 or openvino-int8-bf16 to check a runtime bf16 hint)")
     v.add_argument("--json", help="also write the report as JSON")
     v.set_defaults(func=cmd_verify)
 

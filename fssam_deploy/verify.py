@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fssam_deploy.backends import registry
-from fssam_deploy.errors import AccuracyError, EngineError
+from fssam_deploy.errors import AccuracyError, ConfigError, EngineError
 from fssam_deploy.manifest import folder_format
 from fssam_deploy.model.checkpoint import make_weights
 from fssam_deploy.model.config import FSSAMConfig
@@ -82,7 +82,7 @@ class VerifyReport:
 
     def table(self) -> str:
         emulated = " (bf16 graphs run as their fp32 emulation with bf16 storage rounding: ms are not bf16's)" \
-            if self.precision == "bf16" else ""
+            if self.precision == "bf16" and self.backend == "onnxruntime" else ""
         how = "Polygraphy" if self.backend == "onnxruntime" else f"the {self.backend} runners"
         lines = [f"backend {self.backend}, precision {self.precision}{emulated}; stages: errors and ms from {how} (max "
                  f"rel err is elementwise; one timed run after a warm-up); episode: the {self.backend} episode, median",
@@ -123,26 +123,30 @@ def _timed(fn, reps: int = 3):
 
 
 def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 0, reps: int = 3,
-           raise_on_fail: bool = False, device: str = "cpu") -> VerifyReport:
+           raise_on_fail: bool = False, device: str = "cpu", backend: str | None = None) -> VerifyReport:
     """Per-stage (generated inputs) and end-to-end (synthetic episode) comparison of the folder's backend with
-    PyTorch fp32, against the targets of the folder's precision (`TARGETS`)."""
+    PyTorch fp32, against the targets of the precision it runs in (`TARGETS`).
+
+    `backend`: the registry backend that runs the folder (default: the reader of the folder's format whose own
+    precision is the folder's, e.g. `openvino-int8` for int8 IR); one that computes in less than the folder holds
+    (`openvino-bf16` over fp32 IR) is held to its own precision's targets."""
     engine_dir = Path(engine_dir)
     fmt = folder_format(engine_dir)
     backends = registry.by_engine_format(fmt) if fmt else []
     if not backends:
         raise EngineError(f"{engine_dir}: not an artifact folder of a known backend (manifest format {fmt!r}); "
                           "verify takes folders written by `fssam export` or `fssam build`")
-    if fmt == ONNX_FORMAT:
+    chosen = pick_reader(engine_dir, backends, backend)
+    if fmt == ONNX_FORMAT:  # graph by graph through Polygraphy, whichever ONNX Runtime backend was named
         return verify_onnx(engine_dir, checkpoint, batch, seed, reps, raise_on_fail)
-    backend = backends[0]
-    episode = registry.open_backend(backend.name, _folder_config(engine_dir, backend), device=device,
+    episode = registry.open_backend(chosen.name, _folder_config(engine_dir, chosen), device=device,
                                     engine_dir=engine_dir)
     try:
-        precision = episode.manifest.precision
+        precision = episode.manifest.precision if chosen.precision == "fp32" else chosen.precision
         targets = _targets(engine_dir, precision)
         cfg, weights = weights_for(episode.manifest, checkpoint)
         stages = build_stages(weights, attention_backend="torch")
-        report = VerifyReport(precision, backend=backend.family)
+        report = VerifyReport(precision, backend=chosen.name)
         for name, spec in STAGE_SPECS.items():
             report.rows += verify_runner(episode.runners[name], spec, stage_module(stages, name), cfg, targets, batch,
                                          seed)
@@ -150,8 +154,30 @@ def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 
     finally:
         episode.close()
     if raise_on_fail and not report.passed:
-        raise AccuracyError(f"{engine_dir}: {backend.name} differs from PyTorch beyond tolerance:\n{report.table()}")
+        raise AccuracyError(f"{engine_dir}: {chosen.name} differs from PyTorch beyond tolerance:\n{report.table()}")
     return report
+
+
+def pick_reader(engine_dir: Path, backends: list, name: str | None):
+    """The backend that verifies the folder: `name` if it reads the folder's format and precision, else the reader
+    whose own precision is the folder's (then any reader of it)."""
+    import json
+
+    path = engine_dir / MANIFEST
+    try:
+        folder_precision = json.loads(path.read_text()).get("precision") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # the backend's own reader gives the precise error
+        folder_precision = None
+    readers = [b for b in backends if folder_precision is None or b.loads_precision(folder_precision)] or backends
+    if name is not None:
+        b = registry.get(name)  # an unknown name: the registry's error lists the backends
+        if b not in readers:
+            what = f"a {backends[0].engine_format} folder" + (f" of precision {folder_precision}"
+                                                               if folder_precision else "")
+            raise ConfigError(f"--backend {name}: does not run {engine_dir} ({what}); the backends that do: "
+                              f"{', '.join(r.name for r in readers)}")
+        return b
+    return next((b for b in readers if b.precision == folder_precision), readers[0])
 
 
 def _folder_config(engine_dir: Path, backend) -> FSSAMConfig:

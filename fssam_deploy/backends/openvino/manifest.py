@@ -96,8 +96,9 @@ def read_openvino_manifest(folder: str | Path, expect: FSSAMConfig | None = None
     """The folder's manifest, checked: format, config (`expect`), every stage, OpenVINO version, CPU model and
     ISA features, source graphs unchanged. Each stage's files are checked (sha256) by `Manifest.artifact`."""
     folder = Path(folder)
-    m = Manifest.read(folder, OPENVINO_FORMAT, rebuild_command(folder), what="OpenVINO IR folder "
-                      "(`fssam build --format openvino`)")
+    # before the manifest is read the folder's precision is unknown: the command names every choice
+    m = Manifest.read(folder, OPENVINO_FORMAT, rebuild_command(folder, precision="fp32|bf16|int8"),
+                      what="OpenVINO IR folder (`fssam build --format openvino`)")
     m.rebuild = rebuild_command(folder, m.get("source", {}).get("dir"), m.precision)
     for key in ("versions", "device", "precision"):
         if key not in m:

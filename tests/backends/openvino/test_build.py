@@ -21,10 +21,12 @@ from tests.backends.openvino.helpers import edit_manifest, linked_copy
 
 def test_registry_entries():
     assert build_formats()["openvino"].name == "openvino"
-    for name, accuracy in (("openvino", "exact"), ("openvino-bf16", "fast"), ("openvino-int8", "fast")):
+    for name, accuracy in (("openvino", "exact"), ("openvino-bf16", "fast"), ("openvino-int8", "fast"),
+                           ("openvino-int8-bf16", "fast")):
         b = get(name)
         assert (b.accuracy, b.devices, b.engine_format) == (accuracy, ("cpu",), OPENVINO_FORMAT)
     assert "runs on cpu only" in get("openvino").unavailable("cuda")
+    assert get("openvino-int8-bf16").loads_precision("int8") and not get("openvino-int8-bf16").loads_precision("fp32")
 
 
 def test_fp32_build_manifest(ov_fp32, tiny_graphs, tiny_cfg):

@@ -80,6 +80,21 @@ def test_int8(ov_int8, tiny_cfg, tiny_episode, torch_logits):
     assert parity(logits, torch_logits)["mask_iou"] >= 0.98
 
 
+def test_int8_bf16_hint(ov_int8, tiny_cfg, tiny_episode, torch_logits):
+    """The int8 IR under the bf16 hint: DINOv2 still quantized, the other stages bf16 where the CPU has it (the
+    decoder f32), f32 and said so elsewhere."""
+    with open_backend("openvino-int8-bf16", tiny_cfg, engine_dir=ov_int8, threads=2) as ep:
+        logits = ep.segment(*tiny_episode)
+        s = ep.settings
+    assert s["precision"] == "int8" and set(s["quantized"]) == {"dino_features"}
+    assert s["stage_precision_hint"]["decoder"] == "f32" and s["stage_precision_hint"]["image_encoder"] == "bf16"
+    native = "BF16" in (openvino_capabilities() or ())
+    compiled = s["compiled_precision"]
+    assert compiled.pop("decoder") == "f32" and set(compiled.values()) == {"bf16" if native else "f32"}
+    assert "decoder kept f32" in s["note"] and (native or "this CPU has no native bf16" in s["note"])
+    assert parity(logits, torch_logits)["mask_iou"] >= 0.98
+
+
 def test_build_missing_converts_into_the_workdir(tiny_graphs, tiny_cfg, tiny_episode, torch_logits, monkeypatch):
     """Without --engine-dir (benchmarks): export (here: the session's graphs stand in for it), convert, run."""
     monkeypatch.setattr("fssam_deploy.onnx.export.export_onnx", lambda *a, **k: tiny_graphs)

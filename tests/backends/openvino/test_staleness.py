@@ -77,6 +77,9 @@ def test_not_an_ir_folder(tiny_graphs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineError, match=r"no manifest, not an OpenVINO IR folder"):
         read_openvino_manifest(tmp_path / "empty")
+    with pytest.raises(EngineError, match=r"gone: not a folder; rebuild it with `fssam build --format openvino "
+                                          r"--onnx-dir GRAPHS --out .*gone --precision fp32\|bf16\|int8`"):
+        read_openvino_manifest(tmp_path / "gone")  # its precision is unknown: every choice named
 
 
 def test_int8_backend_refuses_fp32_ir(ov_fp32, tiny_cfg):
