@@ -16,7 +16,7 @@ import torch
 
 from fssam_deploy.backends import registry
 from fssam_deploy.errors import AccuracyError, ConfigError, EngineError
-from fssam_deploy.manifest import folder_format
+from fssam_deploy.manifest import folder_manifest
 from fssam_deploy.model.checkpoint import make_weights
 from fssam_deploy.model.config import FSSAMConfig
 from fssam_deploy.model.fssam import build_stages
@@ -131,15 +131,16 @@ def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 
     precision is the folder's, e.g. `openvino-int8` for int8 IR); one that computes in less than the folder holds
     (`openvino-bf16` over fp32 IR) is held to its own precision's targets."""
     engine_dir = Path(engine_dir)
-    fmt = folder_format(engine_dir)
+    data = folder_manifest(engine_dir)  # read once: its format, precision and config choose and shape the run
+    fmt = data["format"] if data else None
     backends = registry.by_engine_format(fmt) if fmt else []
     if not backends:
         raise EngineError(f"{engine_dir}: not an artifact folder of a known backend (manifest format {fmt!r}); "
                           "verify takes folders written by `fssam export` or `fssam build`")
-    chosen = pick_reader(engine_dir, backends, backend)
+    chosen = pick_reader(engine_dir, backends, backend, data.get("precision"))
     if fmt == ONNX_FORMAT:  # graph by graph through Polygraphy, whichever ONNX Runtime backend was named
         return verify_onnx(engine_dir, checkpoint, batch, seed, reps, raise_on_fail)
-    episode = registry.open_backend(chosen.name, _folder_config(engine_dir, chosen), device=device,
+    episode = registry.open_backend(chosen.name, _folder_config(engine_dir, data, chosen), device=device,
                                     engine_dir=engine_dir)
     try:
         precision = episode.manifest.precision if chosen.precision == "fp32" else chosen.precision
@@ -158,16 +159,9 @@ def verify(engine_dir: str | Path, checkpoint=None, batch: int = 1, seed: int = 
     return report
 
 
-def pick_reader(engine_dir: Path, backends: list, name: str | None):
+def pick_reader(engine_dir: Path, backends: list, name: str | None, folder_precision: str | None):
     """The backend that verifies the folder: `name` if it reads the folder's format and precision, else the reader
     whose own precision is the folder's (then any reader of it)."""
-    import json
-
-    path = engine_dir / MANIFEST
-    try:
-        folder_precision = json.loads(path.read_text()).get("precision") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):  # the backend's own reader gives the precise error
-        folder_precision = None
     readers = [b for b in backends if folder_precision is None or b.loads_precision(folder_precision)] or backends
     if name is not None:
         b = registry.get(name)  # an unknown name: the registry's error lists the backends
@@ -180,18 +174,13 @@ def pick_reader(engine_dir: Path, backends: list, name: str | None):
     return next((b for b in readers if b.precision == folder_precision), readers[0])
 
 
-def _folder_config(engine_dir: Path, backend) -> FSSAMConfig:
-    import json
-
-    for name in ("manifest.json", "engines.json"):
-        path = engine_dir / name
-        if path.is_file():
-            try:
-                return FSSAMConfig.from_dict(json.loads(path.read_text())["config"])
-            except Exception as exc:  # the backend's own reader gives the precise error below
-                raise EngineError(f"{path}: no valid config in the manifest ({exc}); rebuild the folder with "
-                                  f"`{backend.engine_source}`") from None
-    raise EngineError(f"{engine_dir}: no manifest; rebuild the folder with `{backend.engine_source}`")
+def _folder_config(engine_dir: Path, data: dict, backend) -> FSSAMConfig:
+    """The config in the folder's manifest (`manifest.folder_manifest`), or an error with the build command."""
+    try:
+        return FSSAMConfig.from_dict(data["config"])
+    except Exception as exc:  # the backend's own reader gives the precise error below
+        raise EngineError(f"{engine_dir}: no valid config in the manifest ({exc}); rebuild the folder with "
+                          f"`{backend.engine_source}`") from None
 
 
 def _targets(engine_dir: Path, precision: str) -> Targets:

@@ -8,7 +8,7 @@ quantized by NNCF on synthetic episodes (or `--calibration-dir` images); the ima
 (its int8 form, with the ONNX path's fp32 cones, cost mask IoU: `quantize.QUANTIZED_STAGES`), every other op
 f32. `openvino-int8-bf16`: the same int8 IR under the bf16 hint (decoder f32): int8 where NNCF quantized, bf16
 for the rest (DINOv2's attention, the image and memory encoders), which is what OpenVINO itself would pick on an
-AMX CPU; on a paper-config 1-shot episode on an AMX Xeon it measured 1.16x over `openvino-bf16` (README).
+AMX CPU; paper-config 1-shot episodes on an AMX Xeon measured 1.15-1.18x over `openvino-bf16` (README).
 Nothing here imports OpenVINO until an IR folder is built or loaded.
 
 Why plain OpenVINO and not ONNX Runtime's OpenVINO execution provider: `benchmarks/bench_openvino.py
