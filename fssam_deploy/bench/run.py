@@ -118,27 +118,32 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
             weights = make_weights(cfg, st.checkpoint, seed=st.seed, warn=False)
             engine_dir = st.engine_dir if shots == st.cfg.shots else None
             fmt = folder_format(engine_dir)  # the folder serves the backends that read its format
-            backends = [open_backend(n, cfg, device=st.device, checkpoint=st.checkpoint, seed=st.seed, weights=weights,
-                                     engine_dir=engine_dir if fmt and get(n).engine_format == fmt else None,
-                                     threads=st.threads, build_missing=True)
-                        for n in st.backends]
             ref_backend = open_backend("torch", cfg, device=st.device, weights=weights)
             try:
+                cases_k = []
                 for batch in st.batches:
                     inputs = episode_tensors(cfg, batch, shots, st.seed)
                     with ref_backend.counting_flops() as flops:  # the model's FLOPs, the same on every backend
                         ref = ref_backend.segment_query(inputs[0].to(st.device),
                                                         ref_backend.encode_supports(*(t.to(st.device)
                                                                                       for t in inputs[1:])))
-                    floor = (dict(flops), rates.get("bf16")) if st.gemm_floor else None
-                    for be in backends:
-                        bar.update(task, description=f"{be.name} K={shots} B={batch}")
+                    cases_k.append((inputs, ref, (dict(flops), rates.get("bf16")) if st.gemm_floor else None))
+            finally:
+                ref_backend.close()
+            for name in st.backends:  # one backend open at a time: they are measured one after another anyway
+                be = open_backend(name, cfg, device=st.device, checkpoint=st.checkpoint, seed=st.seed,
+                                  weights=weights, engine_dir=engine_dir if fmt and get(name).engine_format == fmt
+                                  else None, threads=st.threads, build_missing=True)
+                try:
+                    for inputs, ref, floor in cases_k:
+                        bar.update(task, description=f"{name} K={shots} B={inputs[0].shape[0]}")
                         with torch.inference_mode():
                             rows.append(measure_backend(be, inputs, st, ref, floor))
                         bar.advance(task)
-            finally:
-                for be in (*backends, ref_backend):
+                finally:
                     be.close()
+    order = {(k, b, n): i for i, (k, b, n) in enumerate((k, b, n) for k, b in cases for n in st.backends)}
+    rows.sort(key=lambda r: order[(r["shots"], r["batch"], r["backend"])])  # shots, batch, backend
     settings = {k: v for k, v in st.__dict__.items() if k != "cfg"}
     env = environment(st)
     if rates:
