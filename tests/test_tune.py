@@ -90,6 +90,20 @@ def test_choose_by_engine_dir_and_accuracy(cache, tiny_cfg, tiny_graphs):
         tune.choose(tiny_cfg, "cpu", "best")
 
 
+def test_pick_names_a_slow_first_episode(cache, tiny_cfg):
+    """A backend that compiles when it loads (torch-compile-bf16: minutes on a CPU) is picked by its steady episode
+    time, and the reason says what its first episode cost."""
+    fake_tune(tiny_cfg, [
+        {"backend": "torch", "episode_ms": 1000.0, "mask_iou": 1.0, "first_episode_ms": 1100.0},
+        {"backend": "torch-compile-bf16", "episode_ms": 250.0, "mask_iou": 0.99, "accuracy": "fast",
+         "precision": "bf16", "first_episode_ms": 109_000.0},
+    ])
+    name, why = tune.choose(tiny_cfg, "cpu", "fast")
+    assert name == "torch-compile-bf16" and "first episode after loading took 109 s here (compilation)" in why
+    assert "first episode" not in tune.choose(tiny_cfg, "cpu", "exact")[1]
+    assert "| 109.0 |" in tune.tune_table(json.loads(tune.tune_path(tiny_cfg, "cpu").read_text()))
+
+
 def test_run_auto_uses_the_pick(cache, tiny_cfg, tiny_graphs, tmp_path, capsys):
     """`fssam run --backend auto --engine-dir GRAPHS` runs onnxruntime and writes what `--backend onnxruntime` does."""
     fake_tune(tiny_cfg, [{"backend": "torch", "episode_ms": 1000.0, "mask_iou": 1.0},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,10 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
     def full():
         return backend.segment_query(q, backend.encode_supports(sx, sy))
 
-    for _ in range(st.warmup):
-        full()
+    first = Stats()  # the first episode after loading: compilation, for the torch.compile backends
+    for i in range(st.warmup):
+        with timer.measure(first) if i == 0 else contextlib.nullcontext():
+            full()
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
     for _ in range(st.iters):
@@ -73,6 +76,8 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
            "runtime_overhead_pct": 100.0 * sorted(overheads)[len(overheads) // 2],
            "cached_speedup": episode.median_ms / cached.median_ms, "rss_peak_mb": peak_rss_mb(),
            "rss_now_mb": current_rss_mb(), "settings": getattr(backend, "settings", {})}
+    if first.samples:
+        row["first_episode_ms"] = first.samples[0]
     if backend.device.type == "cuda":
         row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
     if reference is not None:

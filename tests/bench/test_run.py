@@ -26,11 +26,11 @@ def test_one_backend_open_at_a_time(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(bench_run, "open_backend", tracking_open)
     st = bench_run.BenchSettings(backends=["torch", "torch-bf16"], batches=[1, 2], shots=[1], cfg=tiny_cfg,
-                                 warmup=0, iters=1, gemm_floor=False)
+                                 warmup=1, iters=1, gemm_floor=False)
     rows = bench_run.run_bench(st, progress=False)["rows"]
     assert most[0] == 1 and not open_now  # the reference, then each backend, each closed before the next
     assert opened == ["torch", "torch", "torch-bf16"]
     assert [(r["batch"], r["backend"]) for r in rows] == [(1, "torch"), (1, "torch-bf16"), (2, "torch"),
                                                           (2, "torch-bf16")]
-    assert all("mask_iou" in r for r in rows)
+    assert all("mask_iou" in r and r["first_episode_ms"] > 0 for r in rows)
     assert all(r["mask_iou"] >= 0.999 for r in rows if r["backend"] == "torch")  # against its own reference
