@@ -95,8 +95,8 @@ def prime(module: torch.nn.Module, spec, cfg: FSSAMConfig, device: torch.device)
 
 # On the CPU, Inductor folds the weights into constants ("freezing"): under bf16 autocast they are cast
 # once, not per call, and prepacked for oneDNN's GEMMs (AMX where the CPU has it). Measured on a 2-core
-# AMX Xeon, paper config, per stage vs eager bf16: DINOv2 253 vs 390 ms, image encoder 77 vs 150, decoder
-# 39 vs 105 (`benchmarks/bench_inductor_cpu.py`). Correct because a loaded episode never changes its weights.
+# AMX Xeon, paper config, per stage vs eager bf16: DINOv2 258 vs 302 ms, image encoder 88 vs 160, decoder
+# 34 vs 74 (`benchmarks/bench_inductor_cpu.py`). Correct because a loaded episode never changes its weights.
 CPU_FROZEN = {"freezing": True}
 
 

@@ -77,7 +77,7 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
            "cached_speedup": episode.median_ms / cached.median_ms, "rss_peak_mb": peak_rss_mb(),
            "rss_now_mb": current_rss_mb(), "settings": getattr(backend, "settings", {})}
     if first.samples:
-        row["first_episode_ms"] = first.samples[0]
+        row["first_episode_ms"] = first.median_ms  # one sample
     if backend.device.type == "cuda":
         row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
     if reference is not None:

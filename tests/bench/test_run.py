@@ -32,5 +32,6 @@ def test_one_backend_open_at_a_time(tiny_cfg, monkeypatch):
     assert opened == ["torch", "torch", "torch-bf16"]
     assert [(r["batch"], r["backend"]) for r in rows] == [(1, "torch"), (1, "torch-bf16"), (2, "torch"),
                                                           (2, "torch-bf16")]
-    assert all("mask_iou" in r and r["first_episode_ms"] > 0 for r in rows)
+    assert all("mask_iou" in r for r in rows)
+    assert all(r["first_episode_ms"] >= 0.5 * r["episode"]["min_ms"] for r in rows), rows  # ms, as the others
     assert all(r["mask_iou"] >= 0.999 for r in rows if r["backend"] == "torch")  # against its own reference
