@@ -6,7 +6,8 @@ Per stage (batch 1, the spec's dummy inputs, one process, one variant after anot
 between them): eager fp32; eager bf16 autocast (`torch-bf16`); torch.compile under autocast with default
 settings; with frozen weights (`freezing`: the bf16 casts folded into constants and the weights prepacked for
 oneDNN; what `torch-compile-bf16` runs on the CPU); frozen + max-autotune with Inductor's C++ GEMM templates
-(AMX micro-kernels); AOTInductor under autocast (`aoti-bf16`'s packages); and compiled fp32 with frozen weights.
+(AMX micro-kernels); AOTInductor under autocast (as `aoti-bf16` packages a stage, with the torch attention
+like the other variants); and compiled fp32 with frozen weights.
 For each: the first call's seconds (compilation, with whatever Inductor cache this machine has), the median ms
 over `--iters` and the max error relative to the eager fp32 output's scale. The CPU is named and the fp32 / bf16
 matmul rates are measured in the same run. Prints a table and writes

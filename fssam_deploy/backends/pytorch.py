@@ -8,14 +8,12 @@ op) or torch.compile applied per stage.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
 import torch
 
 from fssam_deploy.backends.base import Runner
 from fssam_deploy.backends.registry import Backend, LoadRequest, register
 from fssam_deploy.episode import Episode
-from fssam_deploy.errors import BackendUnavailableError
 from fssam_deploy.model.checkpoint import make_weights
 from fssam_deploy.model.config import FSSAMConfig
 from fssam_deploy.model.fssam import build_stages
@@ -64,25 +62,26 @@ def torch_runners(stages, cfg: FSSAMConfig, autocast: torch.dtype | None = None)
 
 def compiled_forward(forward, mode: str | None, inductor: dict | None = None):
     """torch.compile of a stage's forward. `inductor`: Inductor settings patched in around every call, which is
-    when dynamo compiles (torch.compile's own `options=` drops `freezing`: measured no faster than without).
+    when dynamo traces and compiles (dynamo decides on frozen parameters while tracing; torch.compile's own
+    `options=` applies later, inside Inductor, and was measured no faster with `freezing` than without).
     Under CUDA graphs ("reduce-overhead") a stage's outputs live in the graph's static buffers, overwritten by
     its next replay (the image encoder runs on the supports, then the query): they are cloned on the way out."""
     compiled = torch.compile(forward, dynamic=False, mode=mode)
-    if inductor:
-        def forward_patched(*args):
-            with torch._inductor.config.patch(**inductor):
-                return compiled(*args)
-
-        return forward_patched
-    if mode != "reduce-overhead":
-        return compiled
 
     def forward_cloned(*args):
         torch.compiler.cudagraph_mark_step_begin()
         out = compiled(*args)
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
-    return forward_cloned
+    call = forward_cloned if mode == "reduce-overhead" else compiled
+    if not inductor:
+        return call
+
+    def forward_patched(*args):
+        with torch._inductor.config.patch(**inductor):
+            return call(*args)
+
+    return forward_patched
 
 
 def prime(module: torch.nn.Module, spec, cfg: FSSAMConfig, device: torch.device) -> None:
@@ -96,7 +95,8 @@ def prime(module: torch.nn.Module, spec, cfg: FSSAMConfig, device: torch.device)
 # On the CPU, Inductor folds the weights into constants ("freezing"): under bf16 autocast they are cast
 # once, not per call, and prepacked for oneDNN's GEMMs (AMX where the CPU has it). Measured on a 2-core
 # AMX Xeon, paper config, per stage vs eager bf16: DINOv2 258 vs 302 ms, image encoder 88 vs 160, decoder
-# 34 vs 74 (`benchmarks/bench_inductor_cpu.py`). Correct because a loaded episode never changes its weights.
+# 34 vs 74 (`benchmarks/bench_inductor_cpu.py`). The frozen copy is taken at the first call: weights loaded
+# into the modules after that are not seen (episodes never do that; load a new backend instead).
 CPU_FROZEN = {"freezing": True}
 
 
@@ -108,8 +108,6 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
         att, mode, options = attention, compile_mode, None
         if cpu is not None and req.device.type == "cpu":
             att, options, mode = cpu[0], cpu[1], None
-        elif compile_mode is not False and req.device.type == "cuda" and importlib.util.find_spec("triton") is None:
-            raise BackendUnavailableError("torch.compile on CUDA needs triton: pip install triton")
         weights = req.weights or make_weights(req.cfg, req.checkpoint, req.sam2_checkpoint, req.dino_checkpoint,
                                               req.seed)
         if req.threads:
@@ -123,7 +121,7 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
         episode = Episode(torch_runners(stages, req.cfg, autocast), req.cfg, req.device)
         episode.settings = {"autocast": str(autocast).replace("torch.", "") if autocast else None,
                             "attention": att, "torch_compile": mode is not False, "compile_mode": mode or None,
-                            "inductor_options": options}
+                            "inductor_options": dict(options) if options else None}
         return episode
 
     return load
@@ -136,10 +134,11 @@ for _b in (
     Backend("torch-fused", "pytorch", "PyTorch eager with the fused Triton calibrated attention",
             _loader(attention="op"), devices=("cuda",), requires=("triton",), demo=("cuda",)),
     Backend("torch-compile", "pytorch", "torch.compile (Inductor) of every stage, fp32",
-            _loader(attention="auto", compile_mode=None), tune=("cuda",)),  # CPU: minutes to compile, ~eager speed
+            _loader(attention="auto", compile_mode=None), requires_on=(("cuda", ("triton",)),),
+            tune=("cuda",)),  # CPU: minutes to compile, ~eager speed
     Backend("torch-compile-bf16", "pytorch", "torch.compile under bf16 autocast: on CUDA with CUDA graphs "
             "(reduce-overhead) and the fused attention; on the CPU with frozen weights (bf16 once, AMX GEMMs)",
-            _loader(torch.bfloat16, "op", "reduce-overhead", cpu=("torch", CPU_FROZEN)), precision="bf16",
-            accuracy="fast", demo=("cuda",)),
+            _loader(torch.bfloat16, "op", "reduce-overhead", cpu=("torch", CPU_FROZEN)),
+            requires_on=(("cuda", ("triton",)),), precision="bf16", accuracy="fast", demo=("cuda",)),
 ):
     register(_b)

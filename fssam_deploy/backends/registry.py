@@ -75,8 +75,9 @@ class Backend:
 
     name: what `--backend` / `--backends` take. family: the folder it lives in. summary: one line of help.
     load: LoadRequest -> Episode. devices: device types it runs on. requires: modules it imports (checked
-    with find_spec, never imported here); extra: the pip extra that installs them. engine_format: the
-    manifest `format` of its `--engine-dir` (None: it needs none). build / build_format: how `fssam build
+    with find_spec, never imported here); requires_on: (device type, modules) needed on that type only; extra:
+    the pip extra that installs them. engine_format: the manifest `format` of its `--engine-dir` (None: it needs
+    none). build / build_format: how `fssam build
     --format NAME` writes its artifacts (None: nothing to build). precision / accuracy: what it computes in,
     and its accuracy class ("exact" or "fast"). demo: device types on which `fssam demo` runs it. tune: those
     on which `fssam tune` measures it by default. loads: the artifact precisions it loads (`--backend auto`).
@@ -88,6 +89,7 @@ class Backend:
     load: Callable
     devices: tuple[str, ...] = ("cpu", "cuda")
     requires: tuple[str, ...] = ()
+    requires_on: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (device type, modules) needed on that type only
     extra: str | None = None
     engine_format: str | None = None
     engine_source: str | None = None  # the command that writes its --engine-dir
@@ -110,7 +112,8 @@ class Backend:
             return f"backend {self.name!r} runs on {' or '.join(self.devices)} only (got --device {dev})"
         if dev.type == "cuda" and not torch.cuda.is_available():
             return f"--device {dev}: no CUDA device on this machine (torch.cuda.is_available() is False)"
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        needed = (*self.requires, *(m for t, mods in self.requires_on if t == dev.type for m in mods))
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
         if missing:
             how = f"pip install 'fssam-deploy[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
             return f"backend {self.name!r} needs {', '.join(missing)}: {how}"

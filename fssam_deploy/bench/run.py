@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
     def full():
         return backend.segment_query(q, backend.encode_supports(sx, sy))
 
-    first = Stats()  # the first episode after loading: compilation, for the torch.compile backends
+    first = Stats()  # the first episode at this size: after loading (compilation, for torch.compile), or a recompile
     for i in range(st.warmup):
         with timer.measure(first) if i == 0 else contextlib.nullcontext():
             full()
@@ -112,13 +113,13 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
 
     if st.threads:
         torch.set_num_threads(st.threads)
-    rows = []
+    tagged = []  # ((shots index, batch index, backend index), row)
     rates = ({"fp32": matmul_gflops(torch.float32, st.device), "bf16": matmul_gflops(torch.bfloat16, st.device)}
              if st.gemm_floor else {})
     cases = [(k, b) for k in st.shots for b in st.batches]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("benchmark", total=len(cases) * len(st.backends))
-        for shots in st.shots:
+        for ki, shots in enumerate(st.shots):
             cfg = st.cfg.replace(shots=shots)
             weights = make_weights(cfg, st.checkpoint, seed=st.seed, warn=False)
             engine_dir = st.engine_dir if shots == st.cfg.shots else None
@@ -135,20 +136,21 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
                     cases_k.append((inputs, ref, (dict(flops), rates.get("bf16")) if st.gemm_floor else None))
             finally:
                 ref_backend.close()
-            for name in st.backends:  # one backend open at a time: they are measured one after another anyway
+            for j, name in enumerate(st.backends):  # one open at a time: they are measured one after another anyway
                 be = open_backend(name, cfg, device=st.device, checkpoint=st.checkpoint, seed=st.seed,
                                   weights=weights, engine_dir=engine_dir if fmt and get(name).engine_format == fmt
                                   else None, threads=st.threads, build_missing=True)
                 try:
-                    for inputs, ref, floor in cases_k:
+                    for i, (inputs, ref, floor) in enumerate(cases_k):
                         bar.update(task, description=f"{name} K={shots} B={inputs[0].shape[0]}")
                         with torch.inference_mode():
-                            rows.append(measure_backend(be, inputs, st, ref, floor))
+                            tagged.append(((ki, i, j), measure_backend(be, inputs, st, ref, floor)))
                         bar.advance(task)
                 finally:
                     be.close()
-    order = {(k, b, n): i for i, (k, b, n) in enumerate((k, b, n) for k, b in cases for n in st.backends)}
-    rows.sort(key=lambda r: order[(r["shots"], r["batch"], r["backend"])])  # shots, batch, backend
+                    del be
+                    gc.collect()  # a compiled stage holds itself (and its frozen weights) in a cycle
+    rows = [row for _, row in sorted(tagged, key=lambda t: t[0])]  # shots, batch, backend, as the flags list them
     settings = {k: v for k, v in st.__dict__.items() if k != "cfg"}
     env = environment(st)
     if rates:

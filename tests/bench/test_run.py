@@ -25,13 +25,14 @@ def test_one_backend_open_at_a_time(tiny_cfg, monkeypatch):
         return ep
 
     monkeypatch.setattr(bench_run, "open_backend", tracking_open)
-    st = bench_run.BenchSettings(backends=["torch", "torch-bf16"], batches=[1, 2], shots=[1], cfg=tiny_cfg,
+    st = bench_run.BenchSettings(backends=["torch", "torch-bf16", "torch"], batches=[1, 2], shots=[1], cfg=tiny_cfg,
                                  warmup=1, iters=1, gemm_floor=False)
     rows = bench_run.run_bench(st, progress=False)["rows"]
     assert most[0] == 1 and not open_now  # the reference, then each backend, each closed before the next
-    assert opened == ["torch", "torch", "torch-bf16"]
-    assert [(r["batch"], r["backend"]) for r in rows] == [(1, "torch"), (1, "torch-bf16"), (2, "torch"),
-                                                          (2, "torch-bf16")]
+    assert opened == ["torch", "torch", "torch-bf16", "torch"]
+    # per (shots, batch), the backends in the order the flag lists them, a repeated name included
+    assert [(r["batch"], r["backend"]) for r in rows] == [(1, "torch"), (1, "torch-bf16"), (1, "torch"),
+                                                          (2, "torch"), (2, "torch-bf16"), (2, "torch")]
     assert all("mask_iou" in r for r in rows)
-    assert all(r["first_episode_ms"] >= 0.5 * r["episode"]["min_ms"] for r in rows), rows  # ms, as the others
+    assert all(r["first_episode_ms"] >= 0.05 * r["episode"]["min_ms"] for r in rows), rows  # ms, not seconds
     assert all(r["mask_iou"] >= 0.999 for r in rows if r["backend"] == "torch")  # against its own reference

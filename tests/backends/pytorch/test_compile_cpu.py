@@ -26,15 +26,18 @@ def test_compile_bf16_on_cpu(tiny_cfg):
         torch.testing.assert_close(again, first)
     finally:
         ep.close()
-    ref = open_backend("torch", tiny_cfg, seed=0)
-    try:
-        p = parity(first, ref.segment(q, sx, sy))
-    finally:
-        ref.close()
-    # bf16 rounding only: the logits within 2% of their scale, and the mask as close to fp32's as bf16 autocast
-    # gets at this config (random weights put many pixels near the threshold: eager torch-bf16 0.981, this
-    # 0.976 on an AMX Xeon). The `fast` class's IoU >= 0.98 is measured at the paper config: 0.9879 (1-shot).
-    assert p["max_abs_logit_err"] <= 0.02 * p["ref_abs_max"] and p["mask_iou"] >= 0.97, p
+    outs = {}
+    for name in ("torch", "torch-bf16"):
+        other = open_backend(name, tiny_cfg, seed=0)
+        try:
+            outs[name] = other.segment(q, sx, sy)
+        finally:
+            other.close()
+    p, eager = parity(first, outs["torch"]), parity(outs["torch-bf16"], outs["torch"])
+    # bf16 rounding only: the logits within 2% of their scale, and the mask about as close to fp32's as eager
+    # bf16 autocast gets on this episode (random weights put many pixels near the threshold: on an AMX Xeon eager
+    # 0.981, this 0.976). The `fast` class's IoU >= 0.98 is measured at the paper config: 0.9879 (1-shot).
+    assert p["max_abs_logit_err"] <= 0.02 * p["ref_abs_max"] and p["mask_iou"] >= eager["mask_iou"] - 0.01, (p, eager)
 
 
 def test_inductor_settings_hold_while_compiling(monkeypatch):
@@ -49,3 +52,15 @@ def test_inductor_settings_hold_while_compiling(monkeypatch):
     fwd = pytorch.compiled_forward(lambda x: x + 1, None, pytorch.CPU_FROZEN)
     assert fwd(torch.ones(1)).item() == 2 and fwd(torch.ones(1)).item() == 2
     assert seen == [True, True] and inductor_config.freezing is False
+
+
+def test_triton_needed_on_cuda_only(monkeypatch):
+    """The compiled backends need triton on CUDA (Inductor's GPU kernels), not on the CPU (C++)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "triton" else real(m, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("torch-compile", "torch-compile-bf16"):
+        assert get(name).unavailable("cpu") is None
+        assert "needs triton" in get(name).unavailable("cuda")
