@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import torch
 from fssam_deploy.backends.aoti.build import compile_stage
 from fssam_deploy.backends.pytorch import CPU_FROZEN, compiled_forward, prime
 from fssam_deploy.bench.flops import matmul_gflops
+from fssam_deploy.bench.report import write_cpu_result
 from fssam_deploy.hostinfo import cpu_info, host_summary
 from fssam_deploy.model.checkpoint import make_weights
 from fssam_deploy.model.config import FSSAMConfig
@@ -125,12 +124,7 @@ def main(argv=None) -> int:
         print(f"| {r['stage']} | {r['variant']} | {r['first_call_s']:.1f} | {r['median_ms']:.1f} | "
               f"{r['vs_eager_bf16']:.2f}x | {r['rel_err_vs_fp32']:.1e} |")
     print("matmul 2048^3 GFLOP/s:", {k: round(v, 1) for k, v in result["matmul_gflops"].items()})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = re.sub(r"[^a-z0-9]+", "_", cpu_info()["model"].lower()).strip("_")
-    path = out / f"bench_inductor_{args.preset}_{cpu}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_cpu_result(result, args.out, f"bench_inductor_{args.preset}")
     return 0
 
 

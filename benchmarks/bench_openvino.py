@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from fssam_deploy.backends.openvino.build import build_openvino
 from fssam_deploy.backends.openvino.runner import OpenVinoRunner, compile_config
 from fssam_deploy.backends.registry import open_backend
 from fssam_deploy.bench.flops import matmul_gflops
+from fssam_deploy.bench.report import write_cpu_result
 from fssam_deploy.hostinfo import cpu_info, host_summary, openvino_capabilities
 from fssam_deploy.model.config import FSSAMConfig
 from fssam_deploy.onnx.export import export_onnx, read_manifest
@@ -174,12 +174,7 @@ def main(argv=None) -> int:
     print("matmul 2048^3 GFLOP/s:", {k: round(v, 1) for k, v in result["matmul_gflops"].items()})
     if "onnxruntime_openvino_ep" in result:
         print("ONNX Runtime OpenVINO EP (DINOv2):", json.dumps(result["onnxruntime_openvino_ep"]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = re.sub(r"[^a-z0-9]+", "_", cpu_info()["model"].lower()).strip("_")
-    path = out / f"bench_openvino_{args.preset}_{cpu}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_cpu_result(result, args.out, f"bench_openvino_{args.preset}")
     return 0
 
 

@@ -187,3 +187,18 @@ def write_report(result: dict, out_dir: Path) -> None:
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "bench.md").write_text(markdown_table(result))
     plot(result, out_dir / "bench.png")
+
+
+def write_cpu_result(result: dict, out_dir: str | Path, stem: str) -> Path:
+    """A benchmark script's JSON as `<out_dir>/<stem>_<cpu model>.json` (the CPU decides, so it names the file);
+    prints and returns the path."""
+    import re
+
+    from fssam_deploy.hostinfo import cpu_info
+
+    cpu = re.sub(r"[^a-z0-9]+", "_", cpu_info()["model"].lower()).strip("_")
+    path = Path(out_dir) / f"{stem}_{cpu}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return path
