@@ -256,7 +256,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from fssam_deploy.tune import default_backends, run_tune, tune_table
+    from fssam_deploy.tune import run_tune, tune_table
 
     device = check_device(args.device)
     if args.backends:
@@ -264,7 +264,7 @@ def cmd_tune(args) -> int:
         for name in names:
             registry.get(name).check(device)
     else:
-        names = default_backends(device)
+        names = None  # run_tune's default list (default_backends), less what skip_reason leaves out
     threads = None if args.threads is None else check_positive("--threads", args.threads)
     cfg = config_from_args(args, shots=check_positive("--shots", args.shots))
     if not has_checkpoint(args):

@@ -88,10 +88,26 @@ def default_backends(device) -> list[str]:
     return [n for n in registry.names(dev, available_only=True) if dev.type in registry.get(n).tune]
 
 
+def skip_reason(b: registry.Backend, rows: list[dict], device) -> str | None:
+    """Why the default list leaves out `b` here, from what was measured before it (None: measure it). A compiled
+    bf16 backend is left out on a CPU where eager bf16 autocast ran slower than fp32: without native bf16
+    (AVX512-BF16, AMX) bf16 is emulated (seen: 7x slower than fp32 on an AVX2 EPYC), compiling cannot make it
+    fast, and compiling costs minutes. `--backends` measures it anyway."""
+    if torch.device(device).type != "cpu" or not (b.jit and b.precision == "bf16"):
+        return None
+    got = {r["backend"]: r.get("episode_ms") for r in rows}
+    fp32, bf16 = got.get("torch"), got.get("torch-bf16")
+    if fp32 and bf16 and bf16 > fp32:
+        return (f"eager bf16 ran slower than fp32 on this CPU ({bf16:.0f} vs {fp32:.0f} ms per episode: no native "
+                f"bf16), so compiling bf16 (minutes) cannot win; name it in --backends to measure it anyway")
+    return None
+
+
 def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, checkpoint: str | None = None,
              seed: int = 0, threads: int | None = None, warmup: int = 1, iters: int = 3,
              progress: bool = True, on_row=None) -> dict:
-    """Measure `backends` (default: `default_backends`) one by one and write the cache file; returns its JSON.
+    """Measure `backends` (default: `default_backends`, less what `skip_reason` leaves out) one by one and write
+    the cache file; returns its JSON.
 
     A backend that fails to build or run here is kept as a row with its `error` and never picked. `progress`:
     the bench's progress bar; `on_row(line)`: called with a line per measured backend."""
@@ -105,6 +121,13 @@ def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, 
     for name in names:
         b = registry.get(name)
         row = {"backend": name, "accuracy": b.accuracy, "precision": b.precision, "engine_format": b.engine_format}
+        why_not = None if backends else skip_reason(b, rows, device)
+        if why_not:
+            row.update(skipped=why_not, meets=[])
+            rows.append(row)
+            if on_row is not None:
+                on_row(f"tune: {name}: skipped: {why_not}")
+            continue
         st = BenchSettings(backends=[name], batches=[1], shots=[cfg.shots], cfg=cfg, warmup=warmup, iters=iters,
                            device=str(device), checkpoint=checkpoint, seed=seed, threads=threads, gemm_floor=False)
         try:
@@ -220,8 +243,9 @@ def tune_table(result: dict) -> str:
              "", "| backend | accuracy | episode ms | vs torch | cached query ms | mask IoU | max logit err | meets | "
              "first episode s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['backend']} | {r['accuracy']} | failed: {r['error'][:80]} | | | | | | |")
+        if "error" in r or "skipped" in r:
+            what = f"failed: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped'].split(', so')[0]}"
+            lines.append(f"| {r['backend']} | {r['accuracy']} | {what} | | | | | | |")
             continue
         lines.append(f"| {r['backend']} | {r['accuracy']} | {r['episode_ms']:.1f} | "
                      f"{r.get('speedup_vs_torch', float('nan')):.2f}x | {r['cached_query_ms']:.1f} | "

@@ -137,3 +137,36 @@ def test_auto_untuned_is_one_error_line(cache, tmp_path, capsys):
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: --precision auto: this machine has not been "
                                                             "tuned"), err
     assert not (tmp_path / "g").exists() and not cache.exists()
+
+
+def test_compiled_bf16_left_out_where_bf16_is_slow(cache, tiny_cfg, monkeypatch):
+    """By default tune does not compile bf16 (minutes) on a CPU where eager bf16 ran slower than fp32 (no native
+    bf16: an AVX2 EPYC ran it 7x slower); the row says why and is never picked. `--backends` measures it."""
+    from fssam_deploy.bench import run as bench_run
+
+    ran, ms = [], {"torch": 100.0, "torch-bf16": 700.0, "torch-compile-bf16": 50.0}
+
+    def fake_bench(st, progress=True):
+        name = st.backends[0]
+        ran.append(name)
+        return {"rows": [{"episode": {"median_ms": ms[name]}, "cached_query": {"median_ms": 1.0}, "mask_iou": 0.99,
+                          "max_abs_logit_err": 0.0, "ref_abs_max": 1.0}]}
+
+    monkeypatch.setattr(bench_run, "run_bench", fake_bench)
+    monkeypatch.setattr(tune, "default_backends", lambda d: ["torch", "torch-bf16", "torch-compile-bf16"])
+    lines = []
+    rows = {r["backend"]: r for r in tune.run_tune(tiny_cfg, on_row=lines.append)["rows"]}
+    assert ran == ["torch", "torch-bf16"] and rows["torch-compile-bf16"]["meets"] == []
+    assert "eager bf16 ran slower than fp32 on this CPU (700 vs 100 ms" in rows["torch-compile-bf16"]["skipped"]
+    assert lines[-1].startswith("tune: torch-compile-bf16: skipped: eager bf16 ran slower")
+    assert tune.choose(tiny_cfg, "cpu", "fast")[0] == "torch"  # 700 ms bf16 is slower; the skipped row never wins
+    assert "| torch-compile-bf16 | fast | skipped: eager bf16 ran slower" in tune.tune_table(
+        json.loads(tune.tune_path(tiny_cfg, "cpu").read_text()))
+    ms["torch-bf16"] = 60.0  # native bf16: compiled bf16 is measured
+    ran.clear()
+    tune.run_tune(tiny_cfg)
+    assert ran == ["torch", "torch-bf16", "torch-compile-bf16"]
+    ms["torch-bf16"] = 700.0
+    ran.clear()
+    tune.run_tune(tiny_cfg, backends=["torch", "torch-bf16", "torch-compile-bf16"])  # asked for: measured
+    assert ran == ["torch", "torch-bf16", "torch-compile-bf16"]

@@ -46,18 +46,33 @@ class TorchRunner(Runner):
         return dict(zip(self.spec.output_names, outs))
 
 
-def torch_runners(stages, cfg: FSSAMConfig, autocast: torch.dtype | None = None) -> dict[str, TorchRunner]:
+def torch_runners(stages, cfg: FSSAMConfig, autocast: torch.dtype | None = None,
+                  batch: int | None = None) -> dict[str, TorchRunner]:
     """The PyTorch stage modules of `stages` (`model.build_stages`) as runners keyed by stage name.
 
-    Batch and shots are free (None); every other axis is checked against the spec.
+    Batch and shots are free (None); every other axis is checked against the spec. `batch`: a static batch
+    (the leading B or M axis) instead, so that `Episode` runs a larger batch in chunks of it.
     """
     free = {"B", "M", "K"}
     runners = {}
     for name, spec in STAGE_SPECS.items():
-        shapes = {t.name: tuple(None if d in free else n for d, n in zip(t.shape, t.concrete(cfg, 1, 1)))
+        shapes = {t.name: tuple((batch if i == 0 and batch and d in ("B", "M") else None) if d in free else n
+                                for i, (d, n) in enumerate(zip(t.shape, t.concrete(cfg, 1, 1))))
                   for t in spec.inputs}
         runners[name] = TorchRunner(stage_module(stages, name), spec, shapes, autocast)
     return runners
+
+
+def batch_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the stride of a batch axis of size 1 set to what a dense tensor has there (the element count): a
+    view, no copy, no element moved. Dynamo guards on every stride, also of a size-1 axis, and a stage's input came
+    as a view of another stage's output in one call (DINOv2's features without the class token: 1601 x 384 on the
+    batch axis) and as a chunk of a concatenation in the next (1600 x 384), which compiled it again. The other
+    strides are kept: the stages' layouts (channels-last features) were measured to matter, and copying them to
+    row-major tripled the compiled memory encoder (85 vs 35 ms per episode, paper config)."""
+    if t.dim() == 0 or t.shape[0] != 1 or t.numel() == 0 or t.stride(0) == t.numel():
+        return t
+    return t.as_strided(t.shape, (t.numel(), *t.stride()[1:]), t.storage_offset())
 
 
 def compiled_forward(forward, mode: str | None, inductor: dict | None = None):
@@ -68,12 +83,15 @@ def compiled_forward(forward, mode: str | None, inductor: dict | None = None):
     its next replay (the image encoder runs on the supports, then the query): they are cloned on the way out."""
     compiled = torch.compile(forward, dynamic=False, mode=mode)
 
+    def forward_restrided(*args):
+        return compiled(*(batch_stride(a) for a in args))
+
     def forward_cloned(*args):
         torch.compiler.cudagraph_mark_step_begin()
-        out = compiled(*args)
+        out = forward_restrided(*args)
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
-    call = forward_cloned if mode == "reduce-overhead" else compiled
+    call = forward_cloned if mode == "reduce-overhead" else forward_restrided
     if not inductor:
         return call
 
@@ -98,6 +116,13 @@ def prime(module: torch.nn.Module, spec, cfg: FSSAMConfig, device: torch.device)
 # 34 vs 74 (`benchmarks/bench_inductor_cpu.py`). The frozen copy is taken at the first call: weights loaded
 # into the modules after that are not seen (episodes never do that; load a new backend instead).
 CPU_FROZEN = {"freezing": True}
+# Compiled stages are specialised to their input shapes (dynamic=False): every new batch size compiles again,
+# a minute per stage at the paper config on a 2-core CPU, and dynamo's automatic dynamic shapes were measured
+# slower still to compile (tiny config: 160 s for the batch-2 recompilation). On the CPU a batch buys almost
+# nothing (the stages are compute-bound at batch 1), so compiled CPU stages take batch 1 and `Episode` runs a
+# batch (`fssam serve`'s dynamic batching, the query side's fg + ae memory-encoder pair) in chunks of it:
+# one compilation per stage and shot count, none when the batch changes.
+CPU_BATCH = 1
 
 
 def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compile_mode: str | bool = False,
@@ -118,10 +143,12 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
             if mode is not False:
                 prime(mod, STAGE_SPECS[name], req.cfg, req.device)
                 mod.forward = compiled_forward(mod.forward, mode or None, options)
-        episode = Episode(torch_runners(stages, req.cfg, autocast), req.cfg, req.device)
+        # compiled on the CPU: batch 1, larger batches in chunks (see CPU_BATCH)
+        batch = CPU_BATCH if mode is not False and req.device.type == "cpu" else None
+        episode = Episode(torch_runners(stages, req.cfg, autocast, batch), req.cfg, req.device)
         episode.settings = {"autocast": str(autocast).replace("torch.", "") if autocast else None,
                             "attention": att, "torch_compile": mode is not False, "compile_mode": mode or None,
-                            "inductor_options": dict(options) if options else None}
+                            "inductor_options": dict(options) if options else None, "static_batch": batch}
         return episode
 
     return load
@@ -135,10 +162,10 @@ for _b in (
             _loader(attention="op"), devices=("cuda",), requires=("triton",), demo=("cuda",)),
     Backend("torch-compile", "pytorch", "torch.compile (Inductor) of every stage, fp32",
             _loader(attention="auto", compile_mode=None), requires_on=(("cuda", ("triton",)),),
-            tune=("cuda",)),  # CPU: minutes to compile, ~eager speed
+            tune=("cuda",), jit=True),  # CPU: minutes to compile, ~eager speed
     Backend("torch-compile-bf16", "pytorch", "torch.compile under bf16 autocast: on CUDA with CUDA graphs "
             "(reduce-overhead) and the fused attention; on the CPU with frozen weights (bf16 once, AMX GEMMs)",
             _loader(torch.bfloat16, "op", "reduce-overhead", cpu=("torch", CPU_FROZEN)),
-            requires_on=(("cuda", ("triton",)),), precision="bf16", accuracy="fast", demo=("cuda",)),
+            requires_on=(("cuda", ("triton",)),), precision="bf16", accuracy="fast", demo=("cuda",), jit=True),
 ):
     register(_b)

@@ -81,6 +81,7 @@ class Backend:
     --format NAME` writes its artifacts (None: nothing to build). precision / accuracy: what it computes in,
     and its accuracy class ("exact" or "fast"). demo: device types on which `fssam demo` runs it. tune: those
     on which `fssam tune` measures it by default. loads: the artifact precisions it loads (`--backend auto`).
+    jit: it compiles on its first call (torch.compile), so the first episode after loading is slow.
     """
 
     name: str
@@ -100,6 +101,7 @@ class Backend:
     demo: tuple[str, ...] = ()  # device types on which `fssam demo` runs it
     tune: tuple[str, ...] = ("cpu", "cuda")  # device types on which `fssam tune` measures it unless --backends says
     loads: tuple[str, ...] | None = None  # `precision`s of the --engine-dir folders it loads (None: its own)
+    jit: bool = False
 
     def loads_precision(self, folder_precision: str) -> bool:
         """Whether this backend runs a folder whose manifest says `precision: folder_precision`."""

@@ -42,6 +42,8 @@ def add_serve_parsers(subparsers, add_model_flags, config_from_args=None) -> Non
                    "finish on SIGTERM (at most 25: PyTriton kills tritonserver 30 s after asking it to stop); "
                    "requests still queued then get an error response")
     p.add_argument("--verbose", action="store_true", help="print Triton's log")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="listen at once, without first "
+                   "running one synthetic episode (a compiled backend then compiles on the first request)")
     if config_from_args is not None:
         p.set_defaults(func=lambda args: cmd_serve(args, config_from_args))
 
@@ -96,13 +98,15 @@ def _settings(args):
                          device=args.device, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                          metrics_port=args.metrics_port, instances=args.instances, max_batch=args.max_batch,
                          queue_delay_us=args.queue_delay_us, registry=args.registry, memory_mb=args.memory_mb,
-                         limits=limits, exit_timeout_s=args.exit_timeout, verbose=args.verbose)
+                         limits=limits, exit_timeout_s=args.exit_timeout, verbose=args.verbose,
+                         warmup=args.warmup)
 
 
 def cmd_serve(args, config_from_args) -> int:
     """Run the server until SIGTERM / Ctrl-C. `config_from_args(args, shots)` -> FSSAMConfig (the CLI's)."""
     import sys
 
+    from fssam_deploy.backends.registry import get
     from fssam_deploy.serve.server import serve
 
     check_serve_flags(args)
@@ -112,8 +116,13 @@ def cmd_serve(args, config_from_args) -> int:
         print(f"WARNING: no checkpoint given: RANDOM weights (seed {args.seed}). The masks mean nothing.",
               file=sys.stderr)
 
+    if args.warmup:
+        print(f"fssam serve: loading {args.backend} and running one synthetic episode before listening"
+              + (" (it compiles every stage: minutes on a CPU)" if get(args.backend).jit else ""), flush=True)
+
     def ready(server):
-        print(f"fssam serve: {args.backend} ({cfg.sam2_config}, {cfg.dino}, {cfg.image_size} px) ready: "
+        warm = f" (warm-up episode {server.warmup_s:.1f} s)" if server.warmup_s is not None else ""
+        print(f"fssam serve: {args.backend} ({cfg.sam2_config}, {cfg.dino}, {cfg.image_size} px) ready{warm}: "
               f"http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}; registry "
               f"{args.registry or '(memory only)'}; SIGTERM or Ctrl-C stops", flush=True)
 

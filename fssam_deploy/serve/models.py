@@ -61,9 +61,11 @@ def features_to_dict(feat) -> dict[str, torch.Tensor]:
 
 
 def _split(feat, n: int) -> list[dict[str, torch.Tensor]]:
-    """Batched support features (n, ...) -> n dicts of (1, ...) tensors."""
+    """Batched support features (n, ...) -> n dicts of (1, ...) tensors, contiguous: the layout the store keeps,
+    so that fssam_segment and fssam_segment_cached feed the query side alike (a compiled stage, which guards on
+    strides, then compiles once for both)."""
     d = features_to_dict(feat)
-    return [{k: v[i : i + 1] for k, v in d.items()} for i in range(n)]
+    return [{k: v[i : i + 1].contiguous() for k, v in d.items()} for i in range(n)]
 
 
 def _signature(d: dict[str, torch.Tensor]) -> tuple:
@@ -132,6 +134,23 @@ class FSSAMService:
                 out[i] = [to_original(logits[start + j], jobs[i][0][j].shape[:2]) for j in range(n)]
                 start += n
         return out
+
+    def warm_up(self) -> float:
+        """What one `fssam_segment` request computes (a synthetic support set at the engine's shots encoded, a
+        query segmented against it, through `_encode` and `_segment`: the layouts requests get), run before the
+        server listens; its seconds. Nothing is stored and no request is counted. A compiled backend compiles
+        here (torch-compile-bf16 on a 2-core CPU, paper config: about a minute with a warm Inductor cache),
+        an engine allocates its buffers: paid at start, not by the first client, who would wait behind it (and
+        time out at the client's 120 s)."""
+        import time
+
+        from fssam_deploy.synthetic import synthetic_episode
+
+        t0 = time.perf_counter()
+        query, _, sup, masks = synthetic_episode(self.cfg.image_size, self.shots or self.cfg.shots, seed=0)
+        feats = self._encode([(sup, [(m > 0).astype(np.float32) for m in masks])])
+        self._segment([([query], feats[0])])
+        return time.perf_counter() - t0
 
     # ---- responses -----------------------------------------------------------------------------------------
     @staticmethod

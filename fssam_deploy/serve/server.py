@@ -56,6 +56,7 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     exit_timeout_s: int = MAX_EXIT_TIMEOUT_S
     verbose: bool = False
+    warmup: bool = True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,6 +117,7 @@ class FSSAMServer:
         self._owns_episode = episode is None
         self.triton = None
         self.service: FSSAMService | None = None
+        self.warmup_s: float | None = None  # seconds of `FSSAMService.warm_up`, None: not run
         self._stopped = threading.Event()
         self._released = threading.Event()  # set when stop() is done (ends the owner thread, see start())
         self._logdir = tempfile.TemporaryDirectory(prefix="fssam-serve-")  # Triton's log unless --verbose
@@ -183,6 +185,8 @@ class FSSAMServer:
         self.service = FSSAMService(self._episode, weights_id(st.checkpoint, st.seed), _precision(st.backend),
                                     limits=st.limits, budget_bytes=st.memory_mb << 20, registry=st.registry)
         self.service.store.warm()
+        if st.warmup:
+            self.warmup_s = self.service.warm_up()
         config = TritonConfig(http_address=st.host, grpc_address=st.host, metrics_address=st.host,
                               http_port=st.http_port, grpc_port=st.grpc_port, metrics_port=st.metrics_port,
                               exit_timeout_secs=st.exit_timeout_s, log_verbose=1 if st.verbose else 0,

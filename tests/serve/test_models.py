@@ -137,3 +137,21 @@ def test_engine_shots_checked_before_encoding(tiny_graphs, tiny_cfg, episode_fil
         one = {k: v[:, :1] for k, v in two.items()}
         (reg,) = svc.infer_register([one])
         assert reg["error"][0, 0] == b"" and len(reg["support_id"][0, 0]) == 64
+
+
+def test_warm_up_is_one_uncounted_request(service, tiny_cfg, monkeypatch):
+    """The server's warm-up: what one fssam_segment request computes, at the engine's shots (a fixed K wins over
+    the config's), stored nowhere and counted in no statistics; `fssam serve --no-warmup` turns it off."""
+    from fssam_deploy.cli import make_parser
+    from fssam_deploy.serve.cli import _settings
+
+    shots, real = [], service._encode
+    monkeypatch.setattr(service, "_encode", lambda sets: shots.append(len(sets[0][0])) or real(sets))
+    before, stored = {k: list(v) for k, v in service.batch_sizes.items()}, len(service.store)
+    assert service.warm_up() > 0
+    monkeypatch.setattr(service, "shots", 2)
+    service.warm_up()
+    assert shots == [tiny_cfg.shots, 2]
+    assert service.batch_sizes == before and len(service.store) == stored
+    assert _settings(make_parser().parse_args(["serve"])).warmup is True
+    assert _settings(make_parser().parse_args(["serve", "--no-warmup"])).warmup is False

@@ -171,6 +171,11 @@ def test_bad_request_batched_with_good_ones(server, episode_files, reference):
     assert server.is_alive()
 
 
+def test_warmed_up_before_listening(server):
+    """The server ran its warm-up episode (`warm_up`) before it listened."""
+    assert server.warmup_s is not None and server.warmup_s > 0
+
+
 def test_stats_and_metrics(server, client):
     import urllib.request
 

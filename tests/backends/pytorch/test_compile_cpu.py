@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from fssam_deploy.backends.registry import get, open_backend
 from fssam_deploy.parity import parity
-from fssam_deploy.synthetic import episode_tensors
+from fssam_deploy.synthetic import episode_tensors, synthetic_episode
 
 
-def test_compile_bf16_on_cpu(tiny_cfg):
-    """Frozen weights, torch attention, no second compilation on the second episode, and bf16's error against
-    PyTorch fp32."""
+@pytest.fixture(scope="module")
+def compiled(tiny_cfg):
+    """torch-compile-bf16 on the CPU at the tiny config, opened (and compiled, on its first episode) once."""
     assert get("torch-compile-bf16").unavailable("cpu") is None
-    q, sx, sy = episode_tensors(tiny_cfg, 1, 1, 0)
     ep = open_backend("torch-compile-bf16", tiny_cfg, seed=0)
     try:
-        assert ep.settings["inductor_options"] == {"freezing": True}
-        assert ep.settings["attention"] == "torch" and ep.settings["autocast"] == "bfloat16"
-        first = ep.segment(q, sx, sy)  # compiles every stage (the memory encoder twice: M = 1 and 2)
-        # sam2's position encodings fill a cache on their first call; the loader's eager call first keeps that
-        # from recompiling the image and memory encoders here
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            again = ep.segment(q, sx, sy)
-        torch.testing.assert_close(again, first)
+        yield ep
     finally:
         ep.close()
+
+
+def test_compile_bf16_on_cpu(compiled, tiny_cfg):
+    """Frozen weights, torch attention, no second compilation on the second episode nor on a larger batch, and
+    bf16's error against PyTorch fp32."""
+    q, sx, sy = episode_tensors(tiny_cfg, 1, 1, 0)
+    q3, sx3, sy3 = episode_tensors(tiny_cfg, 3, 1, 0)  # its episode 0 is (q, sx, sy)
+    assert compiled.settings["inductor_options"] == {"freezing": True} and compiled.settings["static_batch"] == 1
+    assert compiled.settings["attention"] == "torch" and compiled.settings["autocast"] == "bfloat16"
+    first = compiled.segment(q, sx, sy)  # compiles every stage once (the fg + ae memory-encoder pair in chunks)
+    # sam2's position encodings fill a cache on their first call; the loader's eager call first keeps that
+    # from recompiling the image and memory encoders here. A batch of 3 (serve's dynamic batching) runs in
+    # chunks of the compiled batch 1: no compilation either.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = compiled.segment(q, sx, sy)
+        batched = compiled.segment(q3, sx3, sy3)
+    torch.testing.assert_close(again, first)
+    assert batched.shape[0] == 3
+    torch.testing.assert_close(batched[:1], first)
     outs = {}
     for name in ("torch", "torch-bf16"):
         other = open_backend(name, tiny_cfg, seed=0)
@@ -38,6 +54,32 @@ def test_compile_bf16_on_cpu(tiny_cfg):
     # bf16 autocast gets on this episode (random weights put many pixels near the threshold: on an AMX Xeon eager
     # 0.981, this 0.976). The `fast` class's IoU >= 0.98 is measured at the paper config: 0.9879 (1-shot).
     assert p["max_abs_logit_err"] <= 0.02 * p["ref_abs_max"] and p["mask_iou"] >= eager["mask_iou"] - 0.01, (p, eager)
+
+
+def test_served_requests_compile_nothing_after_the_warm_up(compiled):
+    """`fssam serve`'s warm-up compiles what its requests run: fssam_segment, fssam_register, fssam_segment_cached
+    and a batch of two requests, on images of another size (resized as a client's are), compile nothing more.
+    Before, the first request after a warm-up through `Episode.segment` compiled again (27 s at the paper config:
+    the images, and the support features the service concatenates, came in other layouts)."""
+    from fssam_deploy.serve.models import FSSAMService
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return np.array([[buf.getvalue()]], dtype=object)
+
+    service = FSSAMService(compiled, "random:0")
+    service.warm_up()
+    q, _, sup, masks = synthetic_episode(200, 1, seed=3)
+    supports = {"supports": png(sup[0]), "support_masks": png((masks[0] * 255).astype(np.uint8))}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        (seg,) = service.infer_segment([{"query": png(q), **supports}])
+        sid = service.infer_register([supports])[0]["support_id"]
+        (cached,) = service.infer_segment_cached([{"query": png(q), "support_id": sid}])
+        pair = service.infer_segment([{"query": png(q), **supports}, {"query": png(sup[0]), **supports}])
+    assert seg["mask"].shape == (1, 200, 200) and not seg["error"][0, 0]
+    np.testing.assert_array_equal(cached["mask"], seg["mask"])
+    np.testing.assert_array_equal(pair[0]["mask"], seg["mask"])
 
 
 def test_inductor_settings_hold_while_compiling(monkeypatch):
