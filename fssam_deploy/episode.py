@@ -26,13 +26,21 @@ from fssam_deploy.stages import STAGE_SPECS
 
 
 def run_stage(runner: Runner, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """runner.infer, split into the graph's static batch when the feed's batch is larger."""
+    """runner.infer, in chunks of the graph's static batch when the feed's batch differs from it: a last chunk
+    (or a whole batch) smaller than the static one is padded with copies of its last item, whose outputs are
+    dropped. Every stage's inputs and outputs lead with the batch axis (B, or M for the memory encoder)."""
     first = runner.spec.input_names[0]
     static = runner.input_shapes[first][0]
     batch = feed[first].shape[0]
     if static is None or static == batch:
         return runner.infer(feed)
-    parts = [runner.infer({k: v[i : i + static] for k, v in feed.items()}) for i in range(0, batch, static)]
+    parts = []
+    for i in range(0, batch, static):
+        chunk = {k: v[i : i + static] for k, v in feed.items()}
+        n = chunk[first].shape[0]
+        if n < static:
+            chunk = {k: torch.cat([v, v[-1:].expand(static - n, *v.shape[1:])]) for k, v in chunk.items()}
+        parts.append({k: v[:n] for k, v in runner.infer(chunk).items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -60,7 +68,7 @@ class Episode:
     `input_shapes`, `infer`); they are activated here and released by `close()`. Inputs are moved to
     `device`, where the runners keep their outputs. Inside `with episode.timing() as times:` each stage's
     seconds are summed into `times` (the device is synchronised after each stage); outside, nothing is
-    timed or synchronised. A batch larger than a runner's static one runs in chunks.
+    timed or synchronised. A batch other than a runner's static one runs in chunks of it (`run_stage`).
 
     `name` (the registry's backend name), `settings` (what the backend was built with), `manifest` (its
     artifact folder's, if any) describe it; `owned_dirs` are temporary folders removed by `close()`.

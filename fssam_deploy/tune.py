@@ -89,17 +89,22 @@ def default_backends(device) -> list[str]:
 
 
 def skip_reason(b: registry.Backend, rows: list[dict], device) -> str | None:
-    """Why the default list leaves out `b` here, from what was measured before it (None: measure it). A compiled
-    bf16 backend is left out on a CPU where eager bf16 autocast ran slower than fp32: without native bf16
-    (AVX512-BF16, AMX) bf16 is emulated (seen: 7x slower than fp32 on an AVX2 EPYC), compiling cannot make it
-    fast, and compiling costs minutes. `--backends` measures it anyway."""
+    """Why the default list leaves out `b` here, from the CPU's ISA and what was measured before it (None:
+    measure it). A compiled bf16 backend is left out on a CPU with neither AVX512-BF16 nor AMX-BF16 where eager
+    bf16 autocast also ran slower than fp32: bf16 is emulated there (seen: 7x slower than fp32 on an AVX2 EPYC),
+    compiling cannot make it the fastest, and compiling costs minutes. `--backends` measures it anyway."""
+    from fssam_deploy.hostinfo import cpu_info
+
     if torch.device(device).type != "cpu" or not (b.jit and b.precision == "bf16"):
+        return None
+    features = cpu_info()["features"]
+    if features.get("avx512_bf16") or features.get("amx_bf16"):
         return None
     got = {r["backend"]: r.get("episode_ms") for r in rows}
     fp32, bf16 = got.get("torch"), got.get("torch-bf16")
     if fp32 and bf16 and bf16 > fp32:
-        return (f"eager bf16 ran slower than fp32 on this CPU ({bf16:.0f} vs {fp32:.0f} ms per episode: no native "
-                f"bf16), so compiling bf16 (minutes) cannot win; name it in --backends to measure it anyway")
+        return (f"no native bf16 on this CPU (no AVX512-BF16, no AMX-BF16) and eager bf16 ran slower than fp32 "
+                f"({bf16:.0f} vs {fp32:.0f} ms per episode)")
     return None
 
 
@@ -126,7 +131,8 @@ def run_tune(cfg: FSSAMConfig, device="cpu", backends: list[str] | None = None, 
             row.update(skipped=why_not, meets=[])
             rows.append(row)
             if on_row is not None:
-                on_row(f"tune: {name}: skipped: {why_not}")
+                on_row(f"tune: {name}: skipped: {why_not}; compiling bf16 (minutes) cannot win here; name it in "
+                       "--backends to measure it anyway")
             continue
         st = BenchSettings(backends=[name], batches=[1], shots=[cfg.shots], cfg=cfg, warmup=warmup, iters=iters,
                            device=str(device), checkpoint=checkpoint, seed=seed, threads=threads, gemm_floor=False)
@@ -244,7 +250,7 @@ def tune_table(result: dict) -> str:
              "first episode s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r or "skipped" in r:
-            what = f"failed: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped'].split(', so')[0]}"
+            what = f"failed: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
             lines.append(f"| {r['backend']} | {r['accuracy']} | {what} | | | | | | |")
             continue
         lines.append(f"| {r['backend']} | {r['accuracy']} | {r['episode_ms']:.1f} | "

@@ -54,6 +54,26 @@ def test_static_batch_runners_run_in_chunks(tiny_pipeline, tiny_cfg):
     torch.testing.assert_close(got, tiny_pipeline.segment(q, sx, sy), atol=1e-4, rtol=1e-4)
 
 
+def test_smaller_batches_are_padded_to_the_static_one(tiny_pipeline, tiny_cfg):
+    """Runners of a static batch 2 (graphs exported with --batch 2) run a batch of 1 and of 3: the last chunk is
+    padded with copies of its last item and their outputs dropped (a server's single request, its warm-up)."""
+    seen = []
+
+    class Two(TorchRunner):
+        def infer_impl(self, feed):
+            seen.append(next(iter(feed.values())).shape[0])
+            return super().infer_impl(feed)
+
+    runners = {name: Two(r.module, r.spec, {k: (2, *s[1:]) for k, s in r.input_shapes.items()})
+               for name, r in torch_runners(tiny_pipeline.stages, tiny_cfg).items()}
+    q, sx, sy = make_episode(tiny_cfg, batch=3, seed=9)
+    ep = Episode(runners, tiny_cfg)
+    three = ep.segment(q, sx, sy)
+    assert set(seen) == {2}
+    torch.testing.assert_close(three, tiny_pipeline.segment(q, sx, sy), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ep.segment(q[2:], sx[2:], sy[2:]), three[2:], atol=1e-4, rtol=1e-4)
+
+
 def test_errors(episode, tiny_pipeline, tiny_cfg):
     runners = torch_runners(tiny_pipeline.stages, tiny_cfg)
     del runners["prior"], runners["dino_features"]

@@ -139,11 +139,15 @@ def test_auto_untuned_is_one_error_line(cache, tmp_path, capsys):
     assert not (tmp_path / "g").exists() and not cache.exists()
 
 
-def test_compiled_bf16_left_out_where_bf16_is_slow(cache, tiny_cfg, monkeypatch):
-    """By default tune does not compile bf16 (minutes) on a CPU where eager bf16 ran slower than fp32 (no native
-    bf16: an AVX2 EPYC ran it 7x slower); the row says why and is never picked. `--backends` measures it."""
+def test_compiled_bf16_left_out_where_bf16_is_emulated(cache, tiny_cfg, monkeypatch):
+    """By default tune does not compile bf16 (minutes) on a CPU without native bf16 (no AVX512-BF16 / AMX-BF16)
+    where eager bf16 also ran slower than fp32 (an AVX2 EPYC ran it 7x slower); the row says why and is never
+    picked. With native bf16, or when eager bf16 was fast, or named in --backends, it is measured."""
+    from fssam_deploy import hostinfo
     from fssam_deploy.bench import run as bench_run
 
+    order = tune.default_backends("cpu")
+    assert order.index("torch") < order.index("torch-bf16") < order.index("torch-compile-bf16")  # measured first
     ran, ms = [], {"torch": 100.0, "torch-bf16": 700.0, "torch-compile-bf16": 50.0}
 
     def fake_bench(st, progress=True):
@@ -152,21 +156,23 @@ def test_compiled_bf16_left_out_where_bf16_is_slow(cache, tiny_cfg, monkeypatch)
         return {"rows": [{"episode": {"median_ms": ms[name]}, "cached_query": {"median_ms": 1.0}, "mask_iou": 0.99,
                           "max_abs_logit_err": 0.0, "ref_abs_max": 1.0}]}
 
+    info = hostinfo.cpu_info()
+    flags = {"avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(hostinfo, "cpu_info", lambda: {**info, "features": {**info["features"], **flags}})
     monkeypatch.setattr(bench_run, "run_bench", fake_bench)
     monkeypatch.setattr(tune, "default_backends", lambda d: ["torch", "torch-bf16", "torch-compile-bf16"])
     lines = []
     rows = {r["backend"]: r for r in tune.run_tune(tiny_cfg, on_row=lines.append)["rows"]}
     assert ran == ["torch", "torch-bf16"] and rows["torch-compile-bf16"]["meets"] == []
-    assert "eager bf16 ran slower than fp32 on this CPU (700 vs 100 ms" in rows["torch-compile-bf16"]["skipped"]
-    assert lines[-1].startswith("tune: torch-compile-bf16: skipped: eager bf16 ran slower")
+    assert rows["torch-compile-bf16"]["skipped"] == ("no native bf16 on this CPU (no AVX512-BF16, no AMX-BF16) and "
+                                                     "eager bf16 ran slower than fp32 (700 vs 100 ms per episode)")
+    assert lines[-1].endswith("name it in --backends to measure it anyway")
     assert tune.choose(tiny_cfg, "cpu", "fast")[0] == "torch"  # 700 ms bf16 is slower; the skipped row never wins
-    assert "| torch-compile-bf16 | fast | skipped: eager bf16 ran slower" in tune.tune_table(
+    assert "| torch-compile-bf16 | fast | skipped: no native bf16 on this CPU" in tune.tune_table(
         json.loads(tune.tune_path(tiny_cfg, "cpu").read_text()))
-    ms["torch-bf16"] = 60.0  # native bf16: compiled bf16 is measured
-    ran.clear()
-    tune.run_tune(tiny_cfg)
-    assert ran == ["torch", "torch-bf16", "torch-compile-bf16"]
-    ms["torch-bf16"] = 700.0
-    ran.clear()
-    tune.run_tune(tiny_cfg, backends=["torch", "torch-bf16", "torch-compile-bf16"])  # asked for: measured
-    assert ran == ["torch", "torch-bf16", "torch-compile-bf16"]
+    for change in ({"ms": 60.0}, {"amx_bf16": True}, {"backends": ["torch", "torch-bf16", "torch-compile-bf16"]}):
+        ms["torch-bf16"] = change.get("ms", 700.0)
+        flags["amx_bf16"] = change.get("amx_bf16", False)
+        ran.clear()
+        tune.run_tune(tiny_cfg, backends=change.get("backends"))
+        assert ran == ["torch", "torch-bf16", "torch-compile-bf16"], change

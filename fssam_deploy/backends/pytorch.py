@@ -70,7 +70,7 @@ def batch_stride(t: torch.Tensor) -> torch.Tensor:
     batch axis) and as a chunk of a concatenation in the next (1600 x 384), which compiled it again. The other
     strides are kept: the stages' layouts (channels-last features) were measured to matter, and copying them to
     row-major tripled the compiled memory encoder (85 vs 35 ms per episode, paper config)."""
-    if t.dim() == 0 or t.shape[0] != 1 or t.numel() == 0 or t.stride(0) == t.numel():
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1 or t.numel() == 0 or t.stride(0) == t.numel():
         return t
     return t.as_strided(t.shape, (t.numel(), *t.stride()[1:]), t.storage_offset())
 

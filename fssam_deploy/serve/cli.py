@@ -118,7 +118,8 @@ def cmd_serve(args, config_from_args) -> int:
 
     if args.warmup:
         print(f"fssam serve: loading {args.backend} and running one synthetic episode before listening"
-              + (" (it compiles every stage: minutes on a CPU)" if get(args.backend).jit else ""), flush=True)
+              + (f" (it compiles every stage{': minutes on a CPU' if args.device == 'cpu' else ''})"
+                 if get(args.backend).jit else ""), flush=True)
 
     def ready(server):
         warm = f" (warm-up episode {server.warmup_s:.1f} s)" if server.warmup_s is not None else ""

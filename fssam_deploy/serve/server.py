@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -23,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fssam_deploy.errors import BackendUnavailableError, ConfigError, EngineError
+from fssam_deploy.errors import BackendUnavailableError, ConfigError, EngineError, FSSAMError
 from fssam_deploy.serve.codec import Limits
 from fssam_deploy.serve.models import FSSAMService, bind_models
 
@@ -180,13 +181,22 @@ class FSSAMServer:
         if len({st.http_port, st.grpc_port, st.metrics_port}) != 3:
             raise ConfigError(f"--http-port {st.http_port}, --grpc-port {st.grpc_port}, --metrics-port "
                               f"{st.metrics_port}: give three different ports")
-        if self._episode is None:
-            self._episode = open_episode(st, self.cfg)
-        self.service = FSSAMService(self._episode, weights_id(st.checkpoint, st.seed), _precision(st.backend),
-                                    limits=st.limits, budget_bytes=st.memory_mb << 20, registry=st.registry)
-        self.service.store.warm()
-        if st.warmup:
-            self.warmup_s = self.service.warm_up()
+        try:  # an error or a signal (see `serve`) while loading or warming up: nothing left open
+            if self._episode is None:
+                self._episode = open_episode(st, self.cfg)
+            self.service = FSSAMService(self._episode, weights_id(st.checkpoint, st.seed), _precision(st.backend),
+                                        limits=st.limits, budget_bytes=st.memory_mb << 20, registry=st.registry)
+            self.service.store.warm()
+            if st.warmup:
+                try:
+                    self.warmup_s = self.service.warm_up()
+                except (RuntimeError, FSSAMError) as exc:
+                    raise EngineError(f"fssam serve: the warm-up episode failed on backend {st.backend!r} "
+                                      f"({type(exc).__name__}: {str(exc)[:300]}); fix that, or start with "
+                                      "--no-warmup to let the first request meet it") from None
+        except BaseException:
+            self.stop()
+            raise
         config = TritonConfig(http_address=st.host, grpc_address=st.host, metrics_address=st.host,
                               http_port=st.http_port, grpc_port=st.grpc_port, metrics_port=st.metrics_port,
                               exit_timeout_secs=st.exit_timeout_s, log_verbose=1 if st.verbose else 0,
@@ -239,19 +249,43 @@ class FSSAMServer:
         self.stop()
 
 
+class StartInterrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT while the server was starting (loading, warming up: minutes for a compiled backend)."""
+
+
 def serve(settings: ServeSettings, cfg, ready=None) -> int:
-    """Run the service until SIGTERM / SIGINT, then stop it cleanly; returns 0. `ready(server)` is called
-    once it answers (the CLI prints the URLs)."""
+    """Run the service until SIGTERM / SIGINT, then stop it cleanly; returns 0 (128 + the signal's number when
+    one came while it was starting). `ready(server)` is called once it answers (the CLI prints the URLs).
+
+    While it starts, a signal interrupts the start at once (a compiled backend's warm-up can take minutes) and
+    what was opened is closed; once it answers, a signal lets the requests in flight finish first."""
     done = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    state = {"starting": True}
+
+    def on_signal(signum, frame):
+        if state["starting"]:
+            raise StartInterrupted(signal.Signals(signum).name)
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with FSSAMServer(settings, cfg) as server:
+        server = FSSAMServer(settings, cfg)
+        try:
+            server.start()
+            state["starting"] = False
+        except StartInterrupted as exc:
+            server.stop()  # done already if it came inside start(); idempotent
+            print(f"fssam serve: stopped by {exc} while starting; nothing was served", file=sys.stderr, flush=True)
+            return 128 + int(signal.Signals[str(exc)])
+        try:
             if ready is not None:
                 ready(server)
             while not done.wait(1.0):
                 if not server.is_alive():
                     raise EngineError("the Triton server process exited unexpectedly; run again with --verbose "
                                       "to see its log")
+        finally:
+            server.stop()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -147,11 +147,11 @@ def test_warm_up_is_one_uncounted_request(service, tiny_cfg, monkeypatch):
 
     shots, real = [], service._encode
     monkeypatch.setattr(service, "_encode", lambda sets: shots.append(len(sets[0][0])) or real(sets))
-    before, stored = {k: list(v) for k, v in service.batch_sizes.items()}, len(service.store)
+    before, stored = {k: list(v) for k, v in service.batch_sizes.items()}, (list(service.store._mem), service.store.ids_on_disk())
     assert service.warm_up() > 0
     monkeypatch.setattr(service, "shots", 2)
     service.warm_up()
     assert shots == [tiny_cfg.shots, 2]
-    assert service.batch_sizes == before and len(service.store) == stored
+    assert service.batch_sizes == before and (list(service.store._mem), service.store.ids_on_disk()) == stored
     assert _settings(make_parser().parse_args(["serve"])).warmup is True
     assert _settings(make_parser().parse_args(["serve", "--no-warmup"])).warmup is False

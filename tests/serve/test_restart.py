@@ -109,3 +109,52 @@ def test_server_started_from_a_thread_outlives_it(tiny_cfg, tiny_pipeline, episo
     finally:
         srv.stop()
     assert not srv.is_alive()
+
+
+@pytest.fixture
+def owned_tiny(tiny_pipeline, monkeypatch):
+    """`serve` / `FSSAMServer` opening the session's tiny pipeline as if it were its own; `closed` counts closes."""
+    from fssam_deploy.serve import server as srv
+
+    closed = []
+    monkeypatch.setattr(srv, "open_episode", lambda st, cfg: tiny_pipeline)
+    monkeypatch.setattr(tiny_pipeline, "close", lambda: closed.append(1))
+    return closed
+
+
+def test_signal_while_warming_up_stops_at_once(owned_tiny, tiny_cfg, monkeypatch, capsys):
+    """SIGTERM during the start (a compiled backend's warm-up takes minutes) interrupts it at once: the episode
+    is closed, nothing listens, the exit code is 128 + 15, and the signal handlers are the caller's again."""
+    import os
+
+    from fssam_deploy.serve import models
+    from fssam_deploy.serve.server import ServeSettings, serve
+
+    def slow(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+    monkeypatch.setattr(models.FSSAMService, "warm_up", slow)
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert serve(ServeSettings(http_port=0, grpc_port=0, metrics_port=0), tiny_cfg) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 30 and owned_tiny == [1]
+    assert "stopped by SIGTERM while starting; nothing was served" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_failed_warm_up_is_one_error(owned_tiny, tiny_cfg, monkeypatch):
+    """A warm-up that fails stops the start with an EngineError that names the backend and --no-warmup, and
+    closes the episode."""
+    from fssam_deploy.errors import EngineError
+    from fssam_deploy.serve import models
+    from fssam_deploy.serve.server import FSSAMServer, ServeSettings
+
+    def boom(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(models.FSSAMService, "warm_up", boom)
+    with pytest.raises(EngineError, match=r"warm-up episode failed on backend 'torch' \(RuntimeError: boom\); .*"
+                                          r"--no-warmup"):
+        FSSAMServer(ServeSettings(http_port=0, grpc_port=0, metrics_port=0), tiny_cfg).start()
+    assert owned_tiny == [1]
