@@ -147,7 +147,8 @@ def test_warm_up_is_one_uncounted_request(service, tiny_cfg, monkeypatch):
 
     shots, real = [], service._encode
     monkeypatch.setattr(service, "_encode", lambda sets: shots.append(len(sets[0][0])) or real(sets))
-    before, stored = {k: list(v) for k, v in service.batch_sizes.items()}, (list(service.store._mem), service.store.ids_on_disk())
+    before = {k: list(v) for k, v in service.batch_sizes.items()}
+    stored = (list(service.store._mem), service.store.ids_on_disk())
     assert service.warm_up() > 0
     monkeypatch.setattr(service, "shots", 2)
     service.warm_up()
