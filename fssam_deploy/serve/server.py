@@ -67,6 +67,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_ports_free(st: ServeSettings) -> None:
+    """Each of the three ports can be listened on now, or a ConfigError naming its flag: checked before the
+    episode is loaded and warmed up (minutes for a compiled backend), not found only when Triton binds.
+    SO_REUSEADDR as a server sets it: a port with connections in TIME_WAIT is free, one with a listener is not."""
+    for flag, port in (("--http-port", st.http_port), ("--grpc-port", st.grpc_port),
+                       ("--metrics-port", st.metrics_port)):
+        with socket.socket(socket.AF_INET6 if ":" in st.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((st.host, port))
+                s.listen(1)
+            except OSError as exc:
+                raise ConfigError(f"{flag} {port}: cannot listen on {st.host}:{port} ({exc.strerror or exc}); "
+                                  f"stop what holds it, or pick another port (0: a free one)") from None
+
+
 def server_env_libdir() -> str | None:
     """The running interpreter's lib folder (holding its libpython), for the Python backend stub."""
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -175,13 +191,14 @@ class FSSAMServer:
         from fssam_deploy.manifest import weights_id
 
         st = self.st
-        for name in ("http_port", "grpc_port", "metrics_port"):
-            if getattr(st, name) == 0:
-                setattr(st, name, free_port(st.host))
-        if len({st.http_port, st.grpc_port, st.metrics_port}) != 3:
-            raise ConfigError(f"--http-port {st.http_port}, --grpc-port {st.grpc_port}, --metrics-port "
-                              f"{st.metrics_port}: give three different ports")
         try:  # an error or a signal (see `serve`) while loading or warming up: nothing left open
+            for name in ("http_port", "grpc_port", "metrics_port"):
+                if getattr(st, name) == 0:
+                    setattr(st, name, free_port(st.host))
+            if len({st.http_port, st.grpc_port, st.metrics_port}) != 3:
+                raise ConfigError(f"--http-port {st.http_port}, --grpc-port {st.grpc_port}, --metrics-port "
+                                  f"{st.metrics_port}: give three different ports")
+            check_ports_free(st)
             if self._episode is None:
                 self._episode = open_episode(st, self.cfg)
             self.service = FSSAMService(self._episode, weights_id(st.checkpoint, st.seed), _precision(st.backend),

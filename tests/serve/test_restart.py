@@ -4,6 +4,7 @@ SIGTERM with four requests in flight (all answered, exit 0, registry flushed), a
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -171,3 +172,21 @@ def test_failed_warm_up_is_one_error(owned_tiny, tiny_cfg, monkeypatch):
                                           r"--no-warmup"):
         FSSAMServer(ServeSettings(http_port=0, grpc_port=0, metrics_port=0), tiny_cfg).start()
     assert owned_tiny == [1]
+
+
+def test_taken_port_is_one_error_before_loading(owned_tiny, tiny_cfg, monkeypatch):
+    """A port something already listens on is a ConfigError naming its flag, raised before the episode is
+    opened and warmed up (minutes for a compiled backend), not when Triton binds after that."""
+    from fssam_deploy.errors import ConfigError
+    from fssam_deploy.serve import server as srv
+
+    opened = []
+    monkeypatch.setattr(srv, "open_episode", lambda st, cfg: opened.append(1))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"--grpc-port {port}: cannot listen on 127.0.0.1:{port} .*"
+                                              r"pick another port \(0: a free one\)"):
+            srv.FSSAMServer(srv.ServeSettings(http_port=0, grpc_port=port, metrics_port=0), tiny_cfg).start()
+    assert opened == [] and owned_tiny == []
