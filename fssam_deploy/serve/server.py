@@ -67,12 +67,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+PORTS = (("http_port", "--http-port"), ("grpc_port", "--grpc-port"), ("metrics_port", "--metrics-port"))
+
+
 def check_ports_free(st: ServeSettings) -> None:
     """Each of the three ports can be listened on now, or a ConfigError naming its flag: checked before the
     episode is loaded and warmed up (minutes for a compiled backend), not found only when Triton binds.
     SO_REUSEADDR as a server sets it: a port with connections in TIME_WAIT is free, one with a listener is not."""
-    for flag, port in (("--http-port", st.http_port), ("--grpc-port", st.grpc_port),
-                       ("--metrics-port", st.metrics_port)):
+    for name, flag in PORTS:
+        port = getattr(st, name)
         with socket.socket(socket.AF_INET6 if ":" in st.host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -192,7 +195,7 @@ class FSSAMServer:
 
         st = self.st
         try:  # an error or a signal (see `serve`) while loading or warming up: nothing left open
-            for name in ("http_port", "grpc_port", "metrics_port"):
+            for name, _ in PORTS:
                 if getattr(st, name) == 0:
                     setattr(st, name, free_port(st.host))
             if len({st.http_port, st.grpc_port, st.metrics_port}) != 3:
