@@ -57,11 +57,15 @@ def matmul_gflops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int
     return 2 * n**3 / best / 1e9
 
 
-def floor_fields(stage_flops: dict[str, int], episode_ms: float, bf16_gflops: float | None) -> dict:
-    """What a bench row says of the floor: GFLOP per stage and in all, the bf16 floor (ms), episode / floor."""
+def floor_fields(stage_flops: dict[str, int], episode_ms: float, rates: dict[str, float] | None) -> dict:
+    """What a bench row says of the floor: GFLOP per stage and in all, and for each measured matmul rate
+    (`rates`: {"fp32": GFLOP/s, "bf16": GFLOP/s}) the floor (ms) and the episode's time over it. Both are kept:
+    on a CPU without bf16 units (AVX2) the bf16 floor is meaningless and the fp32 one is the machine's."""
     total = sum(stage_flops.values())
     out = {"stage_gflop": {k: v / 1e9 for k, v in stage_flops.items()}, "gflop": total / 1e9}
-    if bf16_gflops:
-        floor_ms = total / 1e9 / bf16_gflops * 1e3
-        out.update(bf16_floor_ms=floor_ms, vs_bf16_floor=episode_ms / floor_ms if floor_ms else None)
+    for dtype, gflops in (rates or {}).items():
+        if gflops:
+            floor_ms = total / 1e9 / gflops * 1e3
+            out[f"{dtype}_floor_ms"] = floor_ms
+            out[f"vs_{dtype}_floor"] = episode_ms / floor_ms if floor_ms else None
     return out

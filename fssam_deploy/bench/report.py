@@ -40,27 +40,49 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines + floor_table(result)) + "\n"
 
 
+FLOOR_DTYPES = ("fp32", "bf16")
+
+
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def _x(v) -> str:
+    return "" if v is None else f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
+def _rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"  # AVX2's emulated bf16: 0.29 GFLOP/s
+
+
 def floor_table(result: dict) -> list[str]:
-    """The GEMM floor section: the episode's FLOPs per stage and each backend's episode time over the bf16 floor
-    (FLOPs / the bf16 matmul rate measured in the same run); empty when the bench did not count FLOPs."""
+    """The GEMM floor section: the episode's FLOPs per stage, and each backend's episode time over the fp32 and
+    the bf16 floor (FLOPs / that matmul rate, measured in the same run). The lower floor is the machine's: bf16 on
+    a CPU with AMX or AVX512-BF16, fp32 where bf16 is emulated (AVX2). Empty when the bench counted no FLOPs."""
     rows = [r for r in result["rows"] if "gflop" in r]
     rates = result["environment"].get("matmul_gflops")
     if not rows or not rates:
         return []
+    dtypes = [d for d in FLOOR_DTYPES if rates.get(d)]
+    fastest = max(dtypes, key=lambda d: rates[d])
     names = sorted({k for r in rows for k in r["stage_gflop"]})
-    lines = ["", f"GEMM floor: matmul 2048^3 on this device, fp32 {rates['fp32']:.0f} GFLOP/s, bf16 "
-             f"{rates['bf16']:.0f} GFLOP/s; an episode's FLOPs (matmul, convolution, attention) over the bf16 rate "
-             "is its floor.", "",
-             "| K | B | " + " | ".join(f"{n} GFLOP" for n in names) + " | episode GFLOP | bf16 floor ms |",
-             "|---|---|" + "---|" * (len(names) + 2)]
+    lines = ["", "GEMM floor: matmul 2048^3 on this device, "
+             + ", ".join(f"{d} {_rate(rates[d])} GFLOP/s" for d in dtypes)
+             + f"; an episode's FLOPs (matmul, convolution, attention) over a rate is its floor at that precision. "
+             f"{fastest} is the faster here, so the {fastest} floor is this machine's.", "",
+             "| K | B | " + " | ".join(f"{n} GFLOP" for n in names) + " | episode GFLOP | "
+             + " | ".join(f"{d} floor ms" for d in dtypes) + " |",
+             "|---|---|" + "---|" * (len(names) + 1 + len(dtypes))]
     for k, b in sorted({(r["shots"], r["batch"]) for r in rows}):
         r = next(r for r in rows if (r["shots"], r["batch"]) == (k, b))
         vals = " | ".join(f"{r['stage_gflop'].get(n, 0.0):.1f}" for n in names)
-        lines.append(f"| {k} | {b} | {vals} | {r['gflop']:.1f} | {r['bf16_floor_ms']:.1f} |")
-    lines += ["", "| backend | K | B | episode median ms | episode / bf16 floor |", "|---|---|---|---|---|"]
+        floors = " | ".join(_ms(r.get(f"{d}_floor_ms")) for d in dtypes)
+        lines.append(f"| {k} | {b} | {vals} | {r['gflop']:.1f} | {floors} |")
+    lines += ["", "| backend | K | B | episode median ms | " + " | ".join(f"episode / {d} floor" for d in dtypes)
+              + " |", "|---|---|---|---|" + "---|" * len(dtypes)]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['shots']} | {r['batch']} | {r['episode']['median_ms']:.1f} | "
-                     f"{r['vs_bf16_floor']:.2f}x |")
+        over = " | ".join(_x(r.get(f"vs_{d}_floor")) for d in dtypes)
+        lines.append(f"| {r['backend']} | {r['shots']} | {r['batch']} | {r['episode']['median_ms']:.1f} | {over} |")
     return lines
 
 

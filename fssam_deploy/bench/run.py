@@ -39,9 +39,9 @@ class BenchSettings:
 
 
 def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor | None,
-                    floor: tuple[dict, float | None] | None = None) -> dict:
+                    floor: tuple[dict, dict[str, float]] | None = None) -> dict:
     """Episode latency, stage breakdown, cached-support latency, parity, memory; with `floor` (the episode's
-    FLOPs per stage, the bf16 matmul GFLOP/s), the GEMM floor and the episode's time over it."""
+    FLOPs per stage, the fp32 / bf16 matmul GFLOP/s), the GEMM floors and the episode's time over each."""
     q, sx, sy = (t.to(backend.device) for t in inputs)
     timer, episode, cached, stage_runs = Timer(backend.device), Stats(), Stats(), []
 
@@ -133,7 +133,7 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
                         ref = ref_backend.segment_query(inputs[0].to(st.device),
                                                         ref_backend.encode_supports(*(t.to(st.device)
                                                                                       for t in inputs[1:])))
-                    cases_k.append((inputs, ref, (dict(flops), rates.get("bf16")) if st.gemm_floor else None))
+                    cases_k.append((inputs, ref, (dict(flops), rates) if st.gemm_floor else None))
             finally:
                 ref_backend.close()
             for j, name in enumerate(st.backends):  # one open at a time: they are measured one after another anyway

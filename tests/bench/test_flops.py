@@ -50,24 +50,37 @@ def test_episode_flops_per_stage(tiny_pipeline, tiny_cfg):
 def test_matmul_rate_and_floor_fields():
     rate = matmul_gflops(torch.float32, n=256, repeats=3)
     assert math.isfinite(rate) and rate > 0.1
-    f = floor_fields({"a": 3e9, "b": 1e9}, episode_ms=80.0, bf16_gflops=200.0)
+    f = floor_fields({"a": 3e9, "b": 1e9}, episode_ms=80.0, rates={"fp32": 50.0, "bf16": 200.0})
     assert f["gflop"] == pytest.approx(4.0) and f["stage_gflop"] == {"a": 3.0, "b": 1.0}
     assert f["bf16_floor_ms"] == pytest.approx(20.0) and f["vs_bf16_floor"] == pytest.approx(4.0)
+    assert f["fp32_floor_ms"] == pytest.approx(80.0) and f["vs_fp32_floor"] == pytest.approx(1.0)
     assert "bf16_floor_ms" not in floor_fields({"a": 1e9}, 10.0, None)
+    assert set(floor_fields({"a": 1e9}, 10.0, {"fp32": 10.0})) == {"stage_gflop", "gflop", "fp32_floor_ms",
+                                                                    "vs_fp32_floor"}
 
 
 def test_floor_table_in_the_report():
     row = {"backend": "torch", "shots": 1, "batch": 1, "episode": {"median_ms": 80.0, "p90_ms": 81.0},
            "cached_query": {"median_ms": 40.0}, "episodes_per_s": 12.5, "cached_queries_per_s": 25.0,
            "cached_speedup": 2.0, "runtime_overhead_pct": 0.0, "rss_peak_mb": 100, "stages_ms": {"a": 60.0},
-           **floor_fields({"a": 3e9, "b": 1e9}, 80.0, 200.0)}
+           **floor_fields({"a": 3e9, "b": 1e9}, 80.0, {"fp32": 50.0, "bf16": 200.0})}
     result = {"config": {"sam2_config": "t", "dino": "s", "image_size": 256, "num_refine": 3, "refine": "v1"},
               "environment": {"processor": "x86_64", "host": "Some CPU (AVX2), 2 threads", "device": "cpu",
                               "threads": 2, "torch": "2", "matmul_gflops": {"fp32": 50.0, "bf16": 200.0}},
               "rows": [row]}
     text = markdown_table(result)
     assert "Some CPU (AVX2), 2 threads (cpu)" in text
-    assert "fp32 50 GFLOP/s, bf16 200 GFLOP/s" in text
-    assert "| 1 | 1 | 3.0 | 1.0 | 4.0 | 20.0 |" in text and "| torch | 1 | 1 | 80.0 | 4.00x |" in text
+    assert "fp32 50 GFLOP/s, bf16 200 GFLOP/s" in text and "the bf16 floor is this machine's" in text
+    assert "| 1 | 1 | 3.0 | 1.0 | 4.0 | 80.0 | 20.0 |" in text and "| torch | 1 | 1 | 80.0 | 1.00x | 4.00x |" in text
+    # a CPU without bf16 units (AVX2): bf16 runs far below fp32, and the fp32 floor is the machine's
+    result["environment"]["matmul_gflops"] = {"fp32": 50.0, "bf16": 0.5}
+    result["rows"][0].update(floor_fields({"a": 3e9, "b": 1e9}, 80.0, {"fp32": 50.0, "bf16": 0.5}))
+    text = markdown_table(result)
+    assert "the fp32 floor is this machine's" in text and "| 1 | 1 | 3.0 | 1.0 | 4.0 | 80.0 | 8000.0 |" in text
+    assert "bf16 0.5 GFLOP/s" in text and "| torch | 1 | 1 | 80.0 | 1.00x | 0.01x |" in text
+    # a JSON from before the fp32 floor was kept (bf16 fields only): the fp32 cells are left empty
+    for key in ("fp32_floor_ms", "vs_fp32_floor"):
+        del result["rows"][0][key]
+    assert "| torch | 1 | 1 | 80.0 |  | 0.01x |" in markdown_table(result)
     del result["environment"]["matmul_gflops"]
     assert floor_table(result) == []
