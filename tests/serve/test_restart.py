@@ -3,12 +3,14 @@ SIGTERM with four requests in flight (all answered, exit 0, registry flushed), a
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -27,12 +29,13 @@ TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-siz
 class ServerProcess:
     """`python -m fssam_deploy.serve serve` on free ports; always stopped on exit (also on failure)."""
 
-    def __init__(self, registry, log):
-        self.port = free_port()
+    def __init__(self, registry, log, *flags):
+        self.port, self.metrics_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = open(log, "w")  # noqa: SIM115 - closed in __exit__
         cmd = [sys.executable, "-m", "fssam_deploy.serve", "serve", *TINY, "--registry", str(registry),
-               "--http-port", str(self.port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+               "--http-port", str(self.port), "--grpc-port", str(free_port()), "--metrics-port",
+               str(self.metrics_port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self):
@@ -43,6 +46,29 @@ class ServerProcess:
                     raise RuntimeError(f"server did not start: see {self.log.name}")
                 time.sleep(0.5)
         return self
+
+    def metric(self, name: str, model: str) -> float:
+        """One of Triton's Prometheus metrics for `model` (a gauge or a counter), read now."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
+        assert m, f"no {name} for {model} in the metrics"
+        return float(m.group(1))
+
+    def wait_received(self, model: str, n: int, answered0: float, timeout_s: float = 120) -> None:
+        """Until the server holds `n` requests of `model` beyond the `answered0` it had answered. Started with
+        --max-batch 1 and one instance, one request executes while the others wait, so while any waits the server
+        holds pending + answered + 1 (Triton counts no request while it executes)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pending = self.metric("nv_inference_pending_request_count", model)
+            answered = self.metric("nv_inference_request_success", model) - answered0
+            assert answered < n, "all requests were answered before the test could stop the server with them in flight"
+            if pending >= 1 and pending + answered + 1 >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the server did not receive {n} requests of {model} in {timeout_s} s: "
+                             f"see {self.log.name}")
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:  # SIGTERM first: a killed server cannot remove its temporary log folder
@@ -59,7 +85,8 @@ def test_replica_sigterm_restart(server, client, episode_files, registry_dir, tm
     f = episode_files
     sid0 = client.register(f["supports"][0], f["masks"][0])  # registered on the session server
     want0, _ = client.segment(f["query"][1], support_id=sid0)
-    with ServerProcess(registry_dir, tmp_path / "b.log") as b, FSSAMClient(b.url, timeout_s=300) as cb:
+    with ServerProcess(registry_dir, tmp_path / "b.log", "--max-batch", "1") as b, \
+            FSSAMClient(b.url, timeout_s=300) as cb:
         np.testing.assert_array_equal(cb.segment(f["query"][1], support_id=sid0)[0], want0)  # second replica
         sid1 = cb.register(f["supports"][1], f["masks"][1])
         want1, _ = cb.segment(f["query"][0], support_id=sid1)
@@ -72,10 +99,11 @@ def test_replica_sigterm_restart(server, client, episode_files, registry_dir, tm
                 except Exception as exc:  # noqa: BLE001 - asserted below, with the server's log
                     inflight[n] = exc
 
+        answered0 = b.metric("nv_inference_request_success", "fssam_segment")
         threads = [threading.Thread(target=in_flight, args=(n,)) for n in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # all four received: several seconds of work queued (one encodes and segments at a time)
+        b.wait_received("fssam_segment", 4, answered0)  # one executing, three queued: seconds of work each
         b.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=300)
