@@ -1,4 +1,5 @@
-"""Shared fixtures, built once per session: the tiny config, its pipeline, its exported graphs."""
+"""Shared fixtures, built once per session: the tiny config, its pipeline, its exported graphs, its AOTInductor
+packages."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.helpers import export_tiny_graphs  # noqa: E402
+from tests.helpers import build_tiny_aoti, export_tiny_graphs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,11 @@ def tiny_graphs(tmp_path_factory):
     through the CLI (`fssam export`), plus the decoder's TensorRT plugin variant. Read-only: a test that changes a
     folder copies it first (`copy_graphs`)."""
     return export_tiny_graphs(tmp_path_factory.mktemp("tiny") / "graphs")
+
+
+@pytest.fixture(scope="session")
+def tiny_aoti(tmp_path_factory):
+    """Every stage of the tiny config as AOTInductor CPU packages, built once per session through the CLI
+    (`fssam build --format aoti --checkpoint ckpt.pth`, a checkpoint of seed-0 random weights, which lies next to
+    the folder): the C++ compile takes minutes on 2 cores. Read-only: a test that changes it copies it first."""
+    return build_tiny_aoti(tmp_path_factory.mktemp("tiny-aoti"))

@@ -75,6 +75,32 @@ def export_tiny_graphs(out: Path) -> Path:
     return out
 
 
+def build_tiny_aoti(folder: Path) -> Path:
+    """Every stage of the tiny config as AOTInductor packages for the CPU, through `fssam build --format aoti` from
+    a checkpoint (`folder/ckpt.pth`) of seed-0 random weights, so the eager stages of seed 0 are its reference.
+    Returns the packages folder, `folder/aoti`."""
+    from fssam_deploy.cli import main
+    from fssam_deploy.model import FSSAMConfig, random_weights, save_fssam_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_fssam_checkpoint(random_weights(FSSAMConfig.from_name("tiny"), 0), folder / "ckpt.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["build", "--format", "aoti", *TINY_FLAGS, "--checkpoint", str(folder / "ckpt.pth"),
+                     "--out", str(folder / "aoti"), "--no-progress"]) == 0
+    return folder / "aoti"
+
+
+def assert_bf16_rounded_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float = 1e-4) -> None:
+    """`got` == `want` for a tensor rounded to bfloat16 (the memory encoder's memory, stored in bfloat16 as the
+    reference does): an input within ~1e-7 of a rounding boundary may land one bf16 step away, so a few elements
+    (< 0.1%) may differ by one step; a path that drops the rounding differs in most of them (71% when Inductor
+    fused the cast away) and fails."""
+    off = ((got - want).abs() > atol).float().mean().item()
+    assert off < 1e-3, f"{what}: {off:.1%} of the elements differ by more than {atol}: is the bf16 rounding kept?"
+    torch.testing.assert_close(got, want, atol=atol, rtol=2.0**-7, msg=lambda m: f"{what}: {m}")
+
+
 def copy_graphs(src: Path, dst: Path) -> Path:
     """A private copy of a graph folder, for tests that modify one."""
     import shutil

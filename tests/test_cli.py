@@ -11,6 +11,7 @@ from PIL import Image
 
 from fssam_deploy.cli import main
 from fssam_deploy.model import random_weights, save_fssam_checkpoint
+from fssam_deploy.model.checkpoint import file_sha256
 from fssam_deploy.synthetic import synthetic_episode
 
 TINY = ["--sam2-config", "sam2_hiera_t", "--dino", "dinov2_vits14", "--image-size", "256"]
@@ -115,9 +116,9 @@ def test_run_wrong_architecture_checkpoint(files, tmp_path, capsys):
     assert "weights do not fit this architecture" in capsys.readouterr().err
 
 
-def _run_one(files, tmp_path, tag, *extra):
+def _run_one(files, tmp_path, tag, *extra, checkpoint=None):
     d = files
-    rc = main(["run", *TINY, "--checkpoint", str(d / "ckpt.pth"), "--query", str(d / "query.jpg"),
+    rc = main(["run", *TINY, "--checkpoint", str(checkpoint or d / "ckpt.pth"), "--query", str(d / "query.jpg"),
                "--support", str(d / "s0.png"), "--support-mask", str(d / "m0.png"),
                "--out", str(tmp_path / f"{tag}.png"), "--logits", str(tmp_path / f"{tag}.npy"), *extra])
     assert rc == 0
@@ -125,20 +126,22 @@ def _run_one(files, tmp_path, tag, *extra):
 
 
 @pytest.mark.slow
-def test_build_aoti_then_run_matches_torch(files, tmp_path, capsys):
-    """`fssam build --format aoti` (every stage, CPU, tiny config) then `fssam run --backend aoti` == torch."""
-    out = tmp_path / "aoti"
-    assert main(["build", "--format", "aoti", *TINY, "--checkpoint", str(files / "ckpt.pth"), "--out", str(out),
-                 "--no-progress"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == "fp32" and all((out / e["file"]).is_file() for e in manifest["stages"].values())
-    ref_logits, ref_mask = _run_one(files, tmp_path, "torch")
-    logits, mask = _run_one(files, tmp_path, "aoti", "--backend", "aoti", "--engine-dir", str(out))
+def test_build_aoti_then_run_matches_torch(files, tiny_aoti, tmp_path, capsys):
+    """`fssam build --format aoti --checkpoint` (every stage, CPU, tiny config: the session's `tiny_aoti`, built
+    through the CLI) then `fssam run --backend aoti` == `fssam run` with torch on the same checkpoint."""
+    checkpoint = tiny_aoti.parent / "ckpt.pth"
+    manifest = json.loads((tiny_aoti / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["weights"] == f"sha256:{file_sha256(checkpoint)}"
+    assert all((tiny_aoti / e["file"]).is_file() for e in manifest["stages"].values())
+    ref_logits, ref_mask = _run_one(files, tmp_path, "torch", checkpoint=checkpoint)
+    logits, mask = _run_one(files, tmp_path, "aoti", "--backend", "aoti", "--engine-dir", str(tiny_aoti),
+                            checkpoint=checkpoint)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert (mask == ref_mask).mean() > 0.999
     # a package set built for another config is refused with the command to rebuild
+    capsys.readouterr()
     rc = main(["run", "--sam2-config", "sam2_hiera_s", "--dino", "dinov2_vits14", "--image-size", "256",
-               "--backend", "aoti", "--engine-dir", str(out), "--query", str(files / "query.jpg"),
+               "--backend", "aoti", "--engine-dir", str(tiny_aoti), "--query", str(files / "query.jpg"),
                "--support", str(files / "s0.png"), "--support-mask", str(files / "m0.png"),
                "--out", str(tmp_path / "x.png")])
     assert rc == 1 and "rebuild" in capsys.readouterr().err.lower()

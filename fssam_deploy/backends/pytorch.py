@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from fssam_deploy.backends.base import Runner
+from fssam_deploy.backends.inductor import FAITHFUL
 from fssam_deploy.backends.registry import Backend, LoadRequest, register
 from fssam_deploy.episode import Episode
 from fssam_deploy.model.checkpoint import make_weights
@@ -130,9 +131,9 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
     """`compile_mode`: False (eager), or torch.compile's mode (None: the default). `cpu`: (attention, Inductor
     options) that replace `attention` and `compile_mode` when the episode runs on the CPU."""
     def load(req: LoadRequest) -> Episode:
-        att, mode, options = attention, compile_mode, None
+        att, mode, options = attention, compile_mode, FAITHFUL
         if cpu is not None and req.device.type == "cpu":
-            att, options, mode = cpu[0], cpu[1], None
+            att, options, mode = cpu[0], {**FAITHFUL, **cpu[1]}, None
         weights = req.weights or make_weights(req.cfg, req.checkpoint, req.sam2_checkpoint, req.dino_checkpoint,
                                               req.seed)
         if req.threads:
@@ -148,7 +149,8 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
         episode = Episode(torch_runners(stages, req.cfg, autocast, batch), req.cfg, req.device)
         episode.settings = {"autocast": str(autocast).replace("torch.", "") if autocast else None,
                             "attention": att, "torch_compile": mode is not False, "compile_mode": mode or None,
-                            "inductor_options": dict(options) if options else None, "static_batch": batch}
+                            "inductor_options": dict(options) if mode is not False else None,
+                            "static_batch": batch}
         return episode
 
     return load

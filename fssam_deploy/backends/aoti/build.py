@@ -22,6 +22,7 @@ import torch
 from fssam_deploy.atomic import atomic_dir
 from fssam_deploy.backends.aoti.autocast import AUTOCAST_DTYPES, AutocastStage
 from fssam_deploy.backends.aoti.manifest import MANIFEST, build_manifest, device_info, weights_id
+from fssam_deploy.backends.inductor import FAITHFUL
 from fssam_deploy.errors import ConfigError
 from fssam_deploy.model.checkpoint import file_sha256, make_weights
 from fssam_deploy.model.config import FSSAMConfig
@@ -56,7 +57,7 @@ def compile_stage(module: torch.nn.Module, spec: StageSpec, cfg: FSSAMConfig, pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                 inductor_configs={"aot_inductor.metadata": metadata})
+                                                 inductor_configs={**FAITHFUL, "aot_inductor.metadata": metadata})
     t2 = time.perf_counter()
     shapes = spec.shapes(cfg, batch, cfg.shots)
     io = lambda tensors: [{"name": t.name, "shape": list(shapes[t.name]), "dtype": "float32"} for t in tensors]

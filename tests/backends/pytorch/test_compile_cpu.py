@@ -60,7 +60,8 @@ def test_compile_bf16_on_cpu(compiled, tiny_cfg):
     bf16's error against PyTorch fp32."""
     q, sx, sy = episode_tensors(tiny_cfg, 1, 1, 0)
     q3, sx3, sy3 = episode_tensors(tiny_cfg, 3, 1, 0)  # its episode 0 is (q, sx, sy)
-    assert compiled.settings["inductor_options"] == {"freezing": True} and compiled.settings["static_batch"] == 1
+    assert compiled.settings["inductor_options"] == {"emulate_precision_casts": True, "freezing": True}
+    assert compiled.settings["static_batch"] == 1
     assert compiled.settings["attention"] == "torch" and compiled.settings["autocast"] == "bfloat16"
     first = compiled.segment(q, sx, sy)  # compiles every stage once (the fg + ae memory-encoder pair in chunks)
     # sam2's position encodings fill a cache on their first call; the loader's eager call first keeps that
@@ -98,6 +99,28 @@ def test_inductor_settings_hold_while_compiling(monkeypatch):
     fwd = pytorch.compiled_forward(lambda x: x + 1, None, pytorch.CPU_FROZEN)
     assert fwd(torch.ones(1)).item() == 2 and fwd(torch.ones(1)).item() == 2
     assert seen == [True, True] and inductor_config.freezing is False
+
+
+def test_compiled_stages_keep_the_bf16_rounding():
+    """Compiled with the project's Inductor settings (`FAITHFUL`), a cast to bfloat16 and back stays a rounding,
+    as in the memory encoder (the reference stores memory features in bfloat16); Inductor's default fuses it
+    away, which the second half checks, so this test fails if the setting stops doing its job. Two functions:
+    dynamo caches compiled code per code object, and the module's compiled episode must not be reset."""
+    from fssam_deploy.backends import pytorch
+    from fssam_deploy.backends.inductor import FAITHFUL
+
+    def rounded(x, w):  # a conv, then the memory encoder's rounding
+        return (torch.nn.functional.conv2d(x, w) + 1.0).to(torch.bfloat16).to(torch.float32) * 2
+
+    def rounded_again(x, w):
+        return (torch.nn.functional.conv2d(x, w) + 1.0).to(torch.bfloat16).to(torch.float32) * 2
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 8, 16, 16, generator=g), torch.randn(8, 8, 1, 1, generator=g)
+    want = rounded(x, w)
+    torch.testing.assert_close(pytorch.compiled_forward(rounded, None, FAITHFUL)(x, w), want, atol=1e-4, rtol=0)
+    dropped = pytorch.compiled_forward(rounded_again, None, None)(x, w)
+    assert (dropped - want).abs().max() > 1e-2, "Inductor kept the rounding without FAITHFUL: the check is void"
 
 
 def test_triton_needed_on_cuda_only(monkeypatch):
