@@ -6,7 +6,8 @@ records what the compiled model reports it computes in (`compiled_precision`: a 
 native bf16 is ignored and reads f32). `infer` wraps each input's memory in an `ov.Tensor(..., shared_memory=True)`
 and gives the request preallocated torch outputs the same way, so OpenVINO reads and writes torch's buffers.
 `openvino_episode(folder)` is the `Episode` over every stage of a checked IR folder; under the bf16 hint the
-stages of `F32_UNDER_BF16` are compiled f32.
+stages of `F32_UNDER_BF16` are compiled f32. A model compiled in f32 has its bf16 round trips (the memory
+encoder's) rewritten into an exact f32 rounding first (`rounding.exact_bf16_rounding`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 
 from fssam_deploy.backends.base import Runner
 from fssam_deploy.backends.openvino.manifest import read_openvino_manifest
+from fssam_deploy.backends.openvino.rounding import exact_bf16_rounding
 from fssam_deploy.episode import Episode
 from fssam_deploy.errors import BackendUnavailableError, EngineError
+from fssam_deploy.hostinfo import openvino_capabilities
 from fssam_deploy.model.config import FSSAMConfig
 from fssam_deploy.stages import STAGE_SPECS
 
@@ -62,6 +65,7 @@ class OpenVinoRunner(Runner):
         self.config = dict(config or compile_config())
         self.compiled = self.request = None
         self.compiled_precision: str | None = None
+        self.rounding_rewrites = 0  # bf16 round trips made exact in f32 (`rounding.exact_bf16_rounding`)
 
     def activate_impl(self) -> None:
         ov = import_openvino()
@@ -69,6 +73,9 @@ class OpenVinoRunner(Runner):
             raise EngineError(f"{self.path}: OpenVINO IR of stage {self.spec.name!r} not found")
         core = ov.Core()
         model = core.read_model(str(self.path))
+        native_bf16 = "BF16" in (openvino_capabilities() or ())
+        if self.config.get("INFERENCE_PRECISION_HINT") == "f32" or not native_bf16:  # compiled in f32
+            self.rounding_rewrites = exact_bf16_rounding(model)
         self.compiled = core.compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
@@ -120,6 +127,8 @@ def openvino_episode(folder: str | Path, expect: FSSAMConfig | None = None, thre
     compiled = {name: r.compiled_precision for name, r in runners.items()}
     episode.settings = {"engine_dir": str(folder), "precision": m.precision, "compile_config": config,
                         "stage_precision_hint": hints, "compiled_precision": compiled, "batch": m["batch"],
+                        "exact_bf16_rounding": {n: r.rounding_rewrites for n, r in runners.items()
+                                                if r.rounding_rewrites},
                         "quantized": {k: e["quantized"] for k, e in m["stages"].items() if "quantized" in e}}
     if hint == "bf16":
         asked = {compiled[n] for n, h in hints.items() if h == "bf16"}
