@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fssam_deploy.backends.inductor import FAITHFUL
 from fssam_deploy.errors import EngineError
 from fssam_deploy.hostinfo import cpu_name
 from fssam_deploy.manifest import MANIFEST, Manifest, weights_id  # noqa: F401
@@ -45,8 +46,12 @@ def device_info(device: str | torch.device) -> dict:
 def build_manifest(cfg: FSSAMConfig, entries: dict, device: dict, batch: int, weights: str) -> dict:
     """The manifest of a package folder whose stages are `entries` ({stage: entry})."""
     return {"format": AOTI_FORMAT, "config": cfg.to_dict(), "shots": cfg.shots, "batch": batch,
-            "stages": entries, "device": device, "weights": weights,
+            "stages": entries, "device": device, "weights": weights, "inductor": dict(FAITHFUL),
             "versions": {"torch": torch.__version__}}
+
+
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "Inductor's defaults"
 
 
 def _check_device(path: Path, built: dict, device: torch.device) -> None:
@@ -69,7 +74,8 @@ def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | Non
     """Read `manifest.json` once and refuse stale packages.
 
     Raises EngineError when the manifest is missing or not an AOTI manifest, when it was built for
-    another config than `expect_config`, by another torch version, or for another device type /
+    another config than `expect_config`, by another torch version or other Inductor settings (`FAITHFUL`), or
+    for another device type /
     GPU (name and compute capability) / CPU vector ISA than `device` (default: the built one).
     Package hashes are checked per stage when a runner asks for its file (`Manifest.artifact`).
     """
@@ -81,5 +87,10 @@ def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | Non
     if built_torch != torch.__version__:
         raise EngineError(f"{manifest.path}: packages built with torch {built_torch}, this is torch "
                           f"{torch.__version__}; AOTInductor packages are tied to the torch build: {REBUILD}")
+    built_with = manifest.get("inductor") or {}
+    if built_with != FAITHFUL:  # e.g. packages from before the memory's bf16 rounding was kept
+        raise EngineError(f"{manifest.path}: packages compiled with {_settings(built_with)}, this version compiles "
+                          f"with {_settings(FAITHFUL)} (`fssam_deploy/backends/inductor.py`: without it Inductor "
+                          f"drops the memory's bf16 rounding): {REBUILD}")
     _check_device(manifest.path, manifest["device"], torch.device(device or manifest["device"]["type"]))
     return manifest

@@ -59,7 +59,7 @@ def _eager_outputs(stages, name, feed):
 
 def test_manifest_and_packages(packages, tiny_cfg):
     m = read_aoti_manifest(packages, expect_config=tiny_cfg)
-    assert m["format"] == AOTI_FORMAT and m["batch"] == 1
+    assert m["format"] == AOTI_FORMAT and m["batch"] == 1 and m["inductor"] == {"emulate_precision_casts": True}
     assert m["weights"] == f"sha256:{file_sha256(packages.parent / 'ckpt.pth')}"
     assert m["versions"]["torch"] == torch.__version__
     assert m["device"]["type"] == "cpu" and m["device"]["name"]
@@ -146,6 +146,8 @@ STALE = {
                     "built for device type 'cuda', asked to run on 'cpu'"),
     "cpu isa": (lambda m: m["device"].update(isa="avx512_fake"), "compiled for the avx512_fake vector ISA"),
     "format": (lambda m: m.update(format="fssam-onnx/1"), "expected 'fssam-aoti/1'"),
+    "inductor": (lambda m: m.pop("inductor"), "compiled with Inductor's defaults, this version compiles with "
+                 "emulate_precision_casts=True .*drops the memory's bf16 rounding"),
 }
 
 
