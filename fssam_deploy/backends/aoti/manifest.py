@@ -74,9 +74,9 @@ def read_aoti_manifest(package_dir: str | Path, expect_config: FSSAMConfig | Non
     """Read `manifest.json` once and refuse stale packages.
 
     Raises EngineError when the manifest is missing or not an AOTI manifest, when it was built for
-    another config than `expect_config`, by another torch version or other Inductor settings (`FAITHFUL`), or
-    for another device type /
-    GPU (name and compute capability) / CPU vector ISA than `device` (default: the built one).
+    another config than `expect_config`, by another torch version or with other Inductor settings
+    (`FAITHFUL`), or for another device type / GPU (name and compute capability) / CPU vector ISA
+    than `device` (default: the built one).
     Package hashes are checked per stage when a runner asks for its file (`Manifest.artifact`).
     """
     package_dir = Path(package_dir)
