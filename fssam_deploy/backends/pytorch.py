@@ -79,7 +79,8 @@ def batch_stride(t: torch.Tensor) -> torch.Tensor:
 def compiled_forward(forward, mode: str | None, inductor: dict | None = None):
     """torch.compile of a stage's forward. `inductor`: Inductor settings patched in around every call, which is
     when dynamo traces and compiles (dynamo decides on frozen parameters while tracing; torch.compile's own
-    `options=` applies later, inside Inductor, and was measured no faster with `freezing` than without).
+    `options=` applies later, inside Inductor, and was measured no faster with `freezing` than without), on top
+    of `inductor.FAITHFUL`, which every compiled stage takes.
     Under CUDA graphs ("reduce-overhead") a stage's outputs live in the graph's static buffers, overwritten by
     its next replay (the image encoder runs on the supports, then the query): they are cloned on the way out."""
     compiled = torch.compile(forward, dynamic=False, mode=mode)
@@ -93,11 +94,10 @@ def compiled_forward(forward, mode: str | None, inductor: dict | None = None):
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     call = forward_cloned if mode == "reduce-overhead" else forward_restrided
-    if not inductor:
-        return call
+    settings = {**FAITHFUL, **(inductor or {})}
 
     def forward_patched(*args):
-        with torch._inductor.config.patch(**inductor):
+        with torch._inductor.config.patch(**settings):
             return call(*args)
 
     return forward_patched
@@ -131,9 +131,9 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
     """`compile_mode`: False (eager), or torch.compile's mode (None: the default). `cpu`: (attention, Inductor
     options) that replace `attention` and `compile_mode` when the episode runs on the CPU."""
     def load(req: LoadRequest) -> Episode:
-        att, mode, options = attention, compile_mode, FAITHFUL
+        att, mode, options = attention, compile_mode, None
         if cpu is not None and req.device.type == "cpu":
-            att, options, mode = cpu[0], {**FAITHFUL, **cpu[1]}, None
+            att, options, mode = cpu[0], cpu[1], None
         weights = req.weights or make_weights(req.cfg, req.checkpoint, req.sam2_checkpoint, req.dino_checkpoint,
                                               req.seed)
         if req.threads:
@@ -149,7 +149,7 @@ def _loader(autocast: torch.dtype | None = None, attention: str = "torch", compi
         episode = Episode(torch_runners(stages, req.cfg, autocast, batch), req.cfg, req.device)
         episode.settings = {"autocast": str(autocast).replace("torch.", "") if autocast else None,
                             "attention": att, "torch_compile": mode is not False, "compile_mode": mode or None,
-                            "inductor_options": dict(options) if mode is not False else None,
+                            "inductor_options": {**FAITHFUL, **(options or {})} if mode is not False else None,
                             "static_batch": batch}
         return episode
 

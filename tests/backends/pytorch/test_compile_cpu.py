@@ -102,12 +102,12 @@ def test_inductor_settings_hold_while_compiling(monkeypatch):
 
 
 def test_compiled_stages_keep_the_bf16_rounding():
-    """Compiled with the project's Inductor settings (`FAITHFUL`), a cast to bfloat16 and back stays a rounding,
-    as in the memory encoder (the reference stores memory features in bfloat16); Inductor's default fuses it
-    away, which the second half checks, so this test fails if the setting stops doing its job. Two functions:
-    dynamo caches compiled code per code object, and the module's compiled episode must not be reset."""
+    """Through `compiled_forward` (which applies `inductor.FAITHFUL` itself), a cast to bfloat16 and back stays a
+    rounding, as in the memory encoder (the reference stores memory features in bfloat16); plain torch.compile
+    (Inductor's default) fuses it away, which the second half checks, so this test fails if the setting stops
+    doing its job. Two functions: dynamo caches compiled code per code object, and the module's compiled
+    episode must not be reset."""
     from fssam_deploy.backends import pytorch
-    from fssam_deploy.backends.inductor import FAITHFUL
 
     def rounded(x, w):  # a conv, then the memory encoder's rounding
         return (torch.nn.functional.conv2d(x, w) + 1.0).to(torch.bfloat16).to(torch.float32) * 2
@@ -118,8 +118,8 @@ def test_compiled_stages_keep_the_bf16_rounding():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 8, 16, 16, generator=g), torch.randn(8, 8, 1, 1, generator=g)
     want = rounded(x, w)
-    torch.testing.assert_close(pytorch.compiled_forward(rounded, None, FAITHFUL)(x, w), want, atol=1e-4, rtol=0)
-    dropped = pytorch.compiled_forward(rounded_again, None, None)(x, w)
+    torch.testing.assert_close(pytorch.compiled_forward(rounded, None)(x, w), want, atol=1e-4, rtol=0)
+    dropped = torch.compile(rounded_again, dynamic=False)(x, w)
     assert (dropped - want).abs().max() > 1e-2, "Inductor kept the rounding without FAITHFUL: the check is void"
 
 
