@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,12 +70,12 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
     for _ in range(st.iters):
         with timer.measure(cached):
             backend.segment_query(q, handle)
-    stages = {k: sorted(r.get(k, 0.0) for r in stage_runs)[len(stage_runs) // 2] * 1e3 for k in stage_runs[0]}
+    stages = stage_medians_ms(stage_runs)
     b = q.shape[0]
     row = {"backend": backend.name, "batch": b, "shots": sx.shape[1], "episode": episode.to_dict(),
            "cached_query": cached.to_dict(), "stages_ms": stages,
            "episodes_per_s": b / (episode.median_ms / 1e3), "cached_queries_per_s": b / (cached.median_ms / 1e3),
-           "runtime_overhead_pct": 100.0 * sorted(overheads)[len(overheads) // 2],
+           "runtime_overhead_pct": 100.0 * statistics.median(overheads),
            "cached_speedup": episode.median_ms / cached.median_ms, "rss_peak_mb": peak_rss_mb(),
            "rss_now_mb": current_rss_mb(), "settings": getattr(backend, "settings", {})}
     if first.samples:
@@ -86,6 +87,12 @@ def measure_backend(backend, inputs, st: BenchSettings, reference: torch.Tensor 
     if floor is not None:
         row.update(floor_fields(floor[0], episode.median_ms, floor[1]))
     return row
+
+
+def stage_medians_ms(stage_runs: list[dict[str, float]]) -> dict[str, float]:
+    """{stage: median ms} over the timed episodes' {stage: seconds}; of an even count, the mean of the middle two
+    (with two episodes, indexing the sorted list at n // 2 reported the slower one)."""
+    return {k: statistics.median(r.get(k, 0.0) for r in stage_runs) * 1e3 for k in stage_runs[0]}
 
 
 def environment(st: BenchSettings) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fssam_deploy.bench import run as bench_run
 
 
@@ -36,3 +38,10 @@ def test_one_backend_open_at_a_time(tiny_cfg, monkeypatch):
     assert all("mask_iou" in r for r in rows)
     assert all(r["first_episode_ms"] >= 0.05 * r["episode"]["min_ms"] for r in rows), rows  # ms, not seconds
     assert all(r["mask_iou"] >= 0.999 for r in rows if r["backend"] == "torch")  # against its own reference
+
+
+def test_stage_breakdown_is_the_median():
+    """Two timed episodes: the breakdown is their mean, not the slower one; odd counts: the middle one."""
+    runs = [{"a": 0.010, "b": 0.002}, {"a": 0.030, "b": 0.004}]
+    assert bench_run.stage_medians_ms(runs) == pytest.approx({"a": 20.0, "b": 3.0})
+    assert bench_run.stage_medians_ms([*runs, {"a": 0.011, "b": 0.001}]) == pytest.approx({"a": 11.0, "b": 2.0})
