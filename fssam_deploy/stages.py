@@ -19,6 +19,7 @@ from fssam_deploy.model.config import FSSAMConfig
 class TensorSpec:
     name: str
     shape: tuple  # ints or symbols ("B", "M", "K", "S", "h", "2h", "4h", "Cd", "g")
+    bf16_rounded: bool = False  # rounded to bfloat16 and back, as the reference stores it (`parity.StageTolerance`)
 
     def concrete(self, cfg: FSSAMConfig, batch: int, shots: int) -> tuple[int, ...]:
         h = cfg.feat_size
@@ -33,7 +34,6 @@ class StageSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batch_axis: str = "B"  # the symbol that is dynamic with --batch dynamic
-    rtol: float = 1e-4  # of the output's scale, fp32
 
     @property
     def input_names(self) -> list[str]:
@@ -42,6 +42,9 @@ class StageSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
 
     def shapes(self, cfg: FSSAMConfig, batch: int, shots: int) -> dict[str, tuple[int, ...]]:
         return {t.name: t.concrete(cfg, batch, shots) for t in (*self.inputs, *self.outputs)}
@@ -114,7 +117,7 @@ MEMORY_ENCODER = StageSpec(
     "memory_encoder",
     inputs=(T("feat", ("M", 256, "h", "h")), T("feat_s0", ("M", 32, "4h", "4h")), T("feat_s1", ("M", 64, "2h", "2h")),
             T("mask", ("M", 1, "S", "S"))),
-    outputs=(T("memory", ("M", 64, "h", "h")), T("obj_ptr", ("M", 256))),
+    outputs=(T("memory", ("M", 64, "h", "h"), bf16_rounded=True), T("obj_ptr", ("M", 256))),
     batch_axis="M",
 )
 REFINEMENT = StageSpec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -12,12 +13,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from fssam_deploy.backends.pytorch import TorchRunner, torch_runners
 from fssam_deploy.errors import EngineError, InputError
 from fssam_deploy.model import build_stages, random_weights
 from fssam_deploy.onnx.export import export_onnx
 from fssam_deploy.onnx.polygraphy_compare import compare_graph
+from fssam_deploy.parity import StageTolerance, share_off
 from fssam_deploy.stages import STAGE_SPECS, stage_module
-from fssam_deploy.verify import TARGETS, VerifyReport, verify, verify_stage
+from fssam_deploy.verify import TARGETS, VerifyReport, verify, verify_runner, verify_stage
 
 STAGE = "refinement"  # the cheapest graph to export, and all min-max / cosine maths
 
@@ -116,3 +119,81 @@ def test_unknown_precision_is_refused(graphs, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match=r"manifest.json: precision 'int4' has no verify targets; known: \['fp32', "):
         verify(tmp_path)
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def test_bf16_rounded_rule():
+    """One rule for the memory: a few elements one bf16 step away pass; a dropped rounding, a share of them off,
+    two steps off or a NaN fail; fp32 outputs stay elementwise."""
+    x = torch.randn(4, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = _rounded(x)
+    rule = StageTolerance(1e-4, bf16_rounded=True)
+    assert rule.check(want, want) == {"max_abs": 0.0, "scale": want.abs().max().item(), "off": 0.0, "ok": True}
+    step = torch.finfo(torch.bfloat16).eps * want.abs()  # one bf16 step at each element: 2^-7 x its binade
+    big = want.abs().flatten().argsort(descending=True)  # where one step is well above 1e-4 x scale
+    flipped = want.clone().flatten()
+    flipped[big[:50]] += step.flatten()[big[:50]]  # 50 of 65536: 0.08%
+    assert rule.check(flipped.view_as(want), want)["ok"]
+    more = want.clone().flatten()
+    more[big[:100]] += step.flatten()[big[:100]]  # 0.15%: more than inputs near a boundary explain
+    c = rule.check(more.view_as(want), want)
+    assert not c["ok"] and c["off"] == pytest.approx(100 / want.numel())
+    dropped = rule.check(x, want)  # the memory without its rounding: almost every element off, each < one step
+    assert not dropped["ok"] and dropped["off"] > 0.5 and dropped["max_abs"] <= 2.0**-7 * dropped["scale"]
+    two = want.clone().flatten()
+    two[0] += 2 * 2.0**-7 * want.abs().max()
+    assert not rule.check(two.view_as(want), want)["ok"]
+    nan = want.clone().flatten()
+    nan[0] = math.nan
+    assert not rule.check(nan.view_as(want), want)["ok"]
+    assert StageTolerance(1e-4).check(flipped.view_as(want), want)["ok"] is False  # fp32: every element
+    assert StageTolerance(1e-4).check(want + 1e-5, want)["off"] is None
+    wrong = rule.check(want[:2], want)  # another shape fails, never broadcasts
+    assert not wrong["ok"] and math.isnan(wrong["max_abs"])
+    with pytest.raises(ValueError, match="shapes differ"):
+        share_off(want[:1], want, 1e-4)
+    with pytest.raises(ValueError, match="pass `off`"):
+        rule.ok(0.0, 1.0)
+    assert STAGE_SPECS["memory_encoder"].output("memory").bf16_rounded
+    assert [t.name for s in STAGE_SPECS.values() for t in s.outputs if t.bf16_rounded] == ["memory"]
+
+
+def test_verify_fails_a_runner_that_drops_the_memory_rounding(tiny_pipeline, tiny_cfg):
+    """`fssam verify`'s runner check: the memory encoder without its bf16 rounding is off by less than one bf16
+    step everywhere, which a max-error bound of one step would pass; the share rule fails it, and names it."""
+    spec, stages = STAGE_SPECS["memory_encoder"], tiny_pipeline.stages
+    good = torch_runners(stages, tiny_cfg)["memory_encoder"]
+    unrounded = copy.deepcopy(stages.memory_encoder)
+    unrounded.bf16_round = False
+    bad = TorchRunner(unrounded, spec, good.input_shapes)
+    rows = {}
+    for name, runner in (("good", good), ("bad", bad)):
+        with runner:
+            rows[name] = {r["output"]: r for r in verify_runner(runner, spec, stages.memory_encoder, tiny_cfg,
+                                                                TARGETS["fp32"], batch=2, seed=3)}
+    assert rows["good"]["memory"]["ok"] and rows["good"]["memory"]["off"] == 0.0
+    mem = rows["bad"]["memory"]
+    assert not mem["ok"] and mem["off"] > 0.1 and mem["rel"] <= 2.0**-7, mem
+    assert rows["bad"]["obj_ptr"]["off"] is None
+    table = VerifyReport("fp32", list(rows["bad"].values()), {}, backend="torch").table()
+    assert "| memory_encoder | memory |" in table and f"| NO ({mem['off']:.2%} of elements off) |" in table
+    assert "< 0.1% of elements, all <= 2^-7 x scale" in table
+
+
+def test_polygraphy_stage_check_reads_the_rounding(tiny_graphs, tiny_pipeline, tiny_cfg):
+    """The ONNX path: the exported memory encoder (rounding kept) passes against the PyTorch stage, and fails
+    against a reference without the rounding, through the share Polygraphy's outputs give."""
+    spec, stages = STAGE_SPECS["memory_encoder"], tiny_pipeline.stages
+    path = tiny_graphs / "memory_encoder.onnx"
+    ok = {r["output"]: r for r in verify_stage(path, spec, stages.memory_encoder, tiny_cfg, TARGETS["fp32"],
+                                               batch=2, seed=4, reps=1)}
+    assert ok["memory"]["ok"] and ok["memory"]["off"] < 1e-3 and ok["obj_ptr"]["ok"], ok
+    unrounded = copy.deepcopy(stages.memory_encoder)
+    unrounded.bf16_round = False
+    bad = {r["output"]: r for r in verify_stage(path, spec, unrounded, tiny_cfg, TARGETS["fp32"], batch=2, seed=4,
+                                                reps=1)}
+    assert not bad["memory"]["ok"] and bad["memory"]["off"] > 0.1, bad["memory"]
+    assert bad["memory"]["rel"] <= 2.0**-7  # within one step: only the share tells

@@ -22,6 +22,7 @@ class OutputErrors:
     max_abs: float  # Polygraphy max_absdiff
     max_rel: float  # Polygraphy max_reldiff: elementwise |a - b| / |b|, large where b is near 0
     passed: bool  # Polygraphy's verdict for atol (check_error_stat="max", rtol=0)
+    off: float | None = None  # the share of elements off by more than `share_atol`, where one was asked for
 
 
 def graph_inputs(path: str | Path) -> tuple[list[str], int | None]:
@@ -42,17 +43,22 @@ def split(arrays: dict[str, np.ndarray], step: int | None) -> list[dict[str, np.
 
 def compare_graph(path: str | Path, feed: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                   atol: dict[str, float], providers: list[str] | None = None,
-                  model: bytes | str | None = None) -> tuple[dict[str, OutputErrors], float]:
+                  model: bytes | str | None = None,
+                  share_atol: dict[str, float] | None = None) -> tuple[dict[str, OutputErrors], float]:
     """Run the graph at `path` on `feed` with Polygraphy's OnnxrtRunner (after one warm-up run), compare with
     `reference` (PyTorch's outputs on the same feed) by Comparator.compare_accuracy with max |error| <= atol
     per output; -> ({output: errors}, onnxruntime seconds summed over the iterations).
 
     A feed whose batch exceeds the graph's static batch runs as several iterations of that batch.
     `model`: what ONNX Runtime loads instead of `path` (a serialized rewrite of it, e.g. a bf16 emulation).
+    `share_atol`: {output: atol} for outputs whose share of elements off by more than atol is wanted
+    (`parity.share_off` over every iteration: the bf16-rounded memory's rule).
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
+
+    from fssam_deploy.parity import share_off
 
     names, step = graph_inputs(path)  # the exporter drops inputs a graph does not use
     missing = sorted(set(names) - set(feed))
@@ -72,8 +78,12 @@ def compare_graph(path: str | Path, feed: dict[str, np.ndarray], reference: dict
     errors = {}
     for out in reference:
         found = [it[out] for it in per_iteration]
+        off = None
+        if share_atol and out in share_atol:
+            got = np.concatenate([it[out] for it in results[RUNNER]])
+            off = share_off(got, reference[out], share_atol[out])
         errors[out] = OutputErrors(_worst(r.max_absdiff for r in found), _worst(r.max_reldiff for r in found),
-                                   all(bool(r) for r in found))
+                                   all(bool(r) for r in found), off)
     seconds = sum(it.runtime for it in results[RUNNER])
     return errors, seconds
 
