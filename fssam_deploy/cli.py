@@ -301,10 +301,14 @@ def cmd_verify(args) -> int:
         report = verify(args.engine_dir, checkpoint=args.checkpoint, batch=args.batch, device=args.device,
                         backend=args.backend)
     print(report.table())
-    if args.json:
+    if args.json:  # written whole or not at all; it names the machine, which the speed columns depend on
         import json
 
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        from fssam_deploy.hostinfo import host_summary
+        from fssam_deploy.imageio import atomic_write
+
+        data = {**report.to_dict(), "host": host_summary(), "device": args.device}
+        atomic_write(args.json, lambda f: f.write(json.dumps(data, indent=2).encode()))
     print("PASS" if report.passed else "FAIL: outputs differ from PyTorch beyond tolerance")
     return 0 if report.passed else 1
 

@@ -15,6 +15,7 @@ from fssam_deploy.backends.onnxruntime.runner import OnnxRuntimeRunner
 from fssam_deploy.cli import main
 from fssam_deploy.episode import run_stage
 from fssam_deploy.errors import EngineError, InputError
+from fssam_deploy.hostinfo import host_summary
 from fssam_deploy.model import FSSAMConfig, Pipeline, build_stages, random_weights
 from fssam_deploy.onnx.export import check_graph, export_onnx, read_manifest
 from fssam_deploy.onnx.plugin_variant import PLUGIN_MANIFEST, read_plugin_variants
@@ -144,6 +145,10 @@ def test_verify_cli_passes(engine_dir, tmp_path, capsys):
     assert main(["verify", "--engine-dir", str(engine_dir), "--json", str(tmp_path / "v.json")]) == 0
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["passed"] and report["episode"]["iou"] >= 0.999
+    assert report["host"] == host_summary()  # the machine the ms columns were measured on
+    assert report["device"] == "cpu" and not list(tmp_path.glob(".v.json.fssam-tmp-*"))
+    memory = next(r for r in report["stages"] if r["output"] == "memory")
+    assert 0.0 <= memory["off"] < 1e-3 and "of elements" in memory["target"], memory
     assert "PASS" in capsys.readouterr().out
 
 
