@@ -30,7 +30,7 @@ import torch
 
 from fssam_deploy.backends.aoti.build import compile_stage
 from fssam_deploy.backends.pytorch import CPU_FROZEN, compiled_forward, prime
-from fssam_deploy.bench.flops import matmul_gflops
+from fssam_deploy.bench.flops import floor_environment
 from fssam_deploy.bench.report import write_cpu_result
 from fssam_deploy.hostinfo import cpu_info, host_summary
 from fssam_deploy.model.checkpoint import make_weights
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         r["vs_eager_bf16"] = base[r["stage"]] / r["median_ms"]
     result = {"host": host_summary(args.threads), "cpu": cpu_info(), "config": cfg.to_dict(), "threads": args.threads,
               "iters": args.iters, "torch": torch.__version__, "stages": rows,
-              "matmul_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)},
+              **floor_environment(threads=args.threads),
               "load_average": {"before": load_before, "after": os.getloadavg()}}
     print(f"{cfg.sam2_config} + {cfg.dino}, {cfg.image_size} px on {result['host']}; torch {torch.__version__}; "
           f"load average {load_before[0]:.1f} -> {result['load_average']['after'][0]:.1f}")
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['stage']} | {r['variant']} | {r['first_call_s']:.1f} | {r['median_ms']:.1f} | "
               f"{r['vs_eager_bf16']:.2f}x | {r['rel_err_vs_fp32']:.1e} |")
-    print("matmul 2048^3 GFLOP/s:", {k: round(v, 1) for k, v in result["matmul_gflops"].items()})
+    print("matmul 2048^3 GFLOP/s:", {lib: {k: round(v, 1) for k, v in r.items()}
+                                     for lib, r in result["matmul_gflops_by_library"].items()})
     write_cpu_result(result, args.out, f"bench_inductor_{args.preset}")
     return 0
 

@@ -11,7 +11,8 @@ one warm-up each): torch, torch-bf16, onnxruntime, openvino, openvino-bf16, open
 openvino-int8-bf16 through `backends.open_backend`, mask IoU against torch. `--ep-python`: a Python whose
 environment has `onnxruntime-openvino` (it replaces `onnxruntime`, so it lives in its own venv) times ONNX
 Runtime's OpenVINO execution provider on the DINOv2 graph against that environment's CPU provider. The fp32 and
-bf16 matmul rates of this CPU (`bench.flops.matmul_gflops`) are measured in the same run, for the GEMM floor.
+bf16 matmul rates of this CPU (`bench.flops.floor_environment`: the fastest of torch and OpenVINO, and each) are
+measured in the same run, for the GEMM floor.
 Prints a table and writes `benchmarks/results/bench_openvino_<preset>_<cpu>.json` with the CPU named and the
 load average.
 """
@@ -35,7 +36,7 @@ from fssam_deploy.backends.onnxruntime.runner import OnnxRuntimeRunner
 from fssam_deploy.backends.openvino.build import build_openvino
 from fssam_deploy.backends.openvino.runner import OpenVinoRunner, compile_config
 from fssam_deploy.backends.registry import open_backend
-from fssam_deploy.bench.flops import matmul_gflops
+from fssam_deploy.bench.flops import floor_environment
 from fssam_deploy.bench.report import write_cpu_result
 from fssam_deploy.hostinfo import cpu_info, host_summary, openvino_capabilities
 from fssam_deploy.model.config import FSSAMConfig
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         result = {"host": host_summary(args.threads), "cpu": cpu_info(), "openvino_capabilities":
                   list(openvino_capabilities() or ()), "config": cfg.to_dict(), "threads": args.threads,
                   "iters": args.iters, "graphs": time_graphs(onnx_dir, ov, cfg, args.threads, args.iters),
-                  "matmul_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}}
+                  **floor_environment(threads=args.threads)}
         if not args.no_episode:
             result["episodes"] = time_episodes(cfg, onnx_dir, ov, args.threads, args.iters)
         if args.ep_python:
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     for r in result.get("episodes", []):
         print(f"| episode 1-shot | {r['backend']} | {r['median_ms']:.1f} | {r['vs_torch']:.2f}x vs torch | "
               f"IoU {r['mask_iou']:.4f} | max logit err {r['max_abs_logit_err']:.1e} |")
-    print("matmul 2048^3 GFLOP/s:", {k: round(v, 1) for k, v in result["matmul_gflops"].items()})
+    print("matmul 2048^3 GFLOP/s:", {lib: {k: round(v, 1) for k, v in r.items()}
+                                     for lib, r in result["matmul_gflops_by_library"].items()})
     if "onnxruntime_openvino_ep" in result:
         print("ONNX Runtime OpenVINO EP (DINOv2):", json.dumps(result["onnxruntime_openvino_ep"]))
     write_cpu_result(result, args.out, f"bench_openvino_{args.preset}")

@@ -1,6 +1,10 @@
 """The GEMM floor of an episode: its FLOPs per stage (counted on the PyTorch stage modules) over the matmul
 rate measured on this machine, so a backend's time can be read against what the hardware could do.
 
+The rate is the fastest of the matmul libraries a backend here runs on (`floor_environment`): torch's (MKL for fp32,
+oneDNN for bf16 on the CPU) and, on the CPU where installed, OpenVINO's (oneDNN). One library is not the
+machine: on a 2-core AVX-512 EPYC torch's fp32 matmul ran at 162-183 GFLOP/s and OpenVINO's at 314-368.
+
 FLOPs are those of `torch.utils.flop_counter` (matmuls, convolutions, attention), the work a matrix unit
 does; element-wise work is not counted. PyTorch has no formula for the CPU's fused attention op, so one is
 registered here (the same count as its GPU attention ops).
@@ -55,6 +59,55 @@ def matmul_gflops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int
             sync()
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def openvino_matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, budget_s: float = 3.0,
+                           threads: int | None = None) -> float | None:
+    """As `matmul_gflops`, through OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT f32 or bf16 (LATENCY hint,
+    `threads` or torch's count); None without OpenVINO, or for bf16 where the plugin lacks native bf16 (its bf16
+    hint then runs f32)."""
+    from fssam_deploy.hostinfo import openvino_capabilities
+
+    caps = openvino_capabilities()
+    hint = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
+    if caps is None or (hint == "bf16" and "BF16" not in caps):
+        return None
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    a, b = ops.parameter([n, n], np.float32), ops.parameter([n, n], np.float32)
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a, b]), "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+    request = compiled.create_infer_request()
+    rng = np.random.default_rng(0)
+    feed = [rng.standard_normal((n, n), dtype=np.float32) for _ in range(2)]
+    request.infer(feed)  # warm-up
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(repeats):
+        if best < float("inf") and time.perf_counter() - start > budget_s:
+            break
+        t0 = time.perf_counter()
+        request.infer(feed)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+FLOOR_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def floor_environment(device: str | torch.device = "cpu", threads: int | None = None) -> dict:
+    """{"matmul_gflops": {dtype: GFLOP/s}, "matmul_gflops_by_library": {library: {dtype: GFLOP/s}}}, for a
+    result's environment: per dtype the fastest matmul 2048^3 over the libraries measured here (torch, and
+    OpenVINO on the CPU), which is the floor's rate, and each library's own."""
+    by_library = {"torch": {d: matmul_gflops(t, device) for d, t in FLOOR_TORCH_DTYPES.items()}}
+    if torch.device(device).type == "cpu":
+        ov_rates = {d: openvino_matmul_gflops(t, threads=threads) for d, t in FLOOR_TORCH_DTYPES.items()}
+        if any(ov_rates.values()):
+            by_library["openvino"] = {d: v for d, v in ov_rates.items() if v}
+    best = {d: max(r[d] for r in by_library.values() if r.get(d)) for d in FLOOR_TORCH_DTYPES}
+    return {"matmul_gflops": best, "matmul_gflops_by_library": by_library}
 
 
 def floor_fields(stage_flops: dict[str, int], episode_ms: float, rates: dict[str, float] | None) -> dict:

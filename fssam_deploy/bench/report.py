@@ -51,14 +51,25 @@ def _x(v) -> str:
     return "" if v is None else f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
 
 
+def _libraries(by_library: dict, dtype: str, best: float) -> str:
+    """" (openvino; torch 183)": which library gave the floor's rate and what the others reached, where more than
+    one was measured."""
+    rates = {lib: r[dtype] for lib, r in by_library.items() if r.get(dtype)}
+    if len(rates) < 2:
+        return ""
+    top = max(rates, key=rates.get)
+    return f" ({top}; " + ", ".join(f"{lib} {_rate(v)}" for lib, v in rates.items() if lib != top) + ")"
+
+
 def _rate(v: float) -> str:
     return f"{v:.0f}" if v >= 10 else f"{v:.2g}"  # AVX2's emulated bf16: 0.29 GFLOP/s
 
 
 def floor_table(result: dict) -> list[str]:
     """The GEMM floor section: the episode's FLOPs per stage, and each backend's episode time over the fp32 and
-    the bf16 floor (FLOPs / that matmul rate, measured in the same run). The lower floor is the machine's: bf16 on
-    a CPU with AMX or AVX512-BF16, fp32 where bf16 is emulated (AVX2). Empty when the bench counted no FLOPs."""
+    the bf16 floor (FLOPs / that matmul rate, the fastest library's, measured in the same run). The lower floor
+    is the machine's: bf16 on a CPU with AMX or AVX512-BF16, fp32 where bf16 is emulated (AVX2). Empty when the
+    bench counted no FLOPs."""
     rows = [r for r in result["rows"] if "gflop" in r]
     rates = result["environment"].get("matmul_gflops")
     if not rows or not rates:
@@ -66,8 +77,10 @@ def floor_table(result: dict) -> list[str]:
     dtypes = [d for d in FLOOR_DTYPES if rates.get(d)]
     fastest = max(dtypes, key=lambda d: rates[d])
     names = sorted({k for r in rows for k in r["stage_gflop"]})
-    lines = ["", "GEMM floor: matmul 2048^3 on this device, "
-             + ", ".join(f"{d} {_rate(rates[d])} GFLOP/s" for d in dtypes)
+    by_library = result["environment"].get("matmul_gflops_by_library") or {}
+    lines = ["", "GEMM floor: matmul 2048^3 on this device"
+             + (f", the fastest of {' and '.join(by_library)}" if len(by_library) > 1 else "") + ", "
+             + ", ".join(f"{d} {_rate(rates[d])} GFLOP/s{_libraries(by_library, d, rates[d])}" for d in dtypes)
              + f"; an episode's FLOPs (matmul, convolution, attention) over a rate is its floor at that precision. "
              f"{fastest} is the faster here, so the {fastest} floor is this machine's.", "",
              "| K | B | " + " | ".join(f"{n} GFLOP" for n in names) + " | episode GFLOP | "

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fssam_deploy.backends.registry import get, open_backend
-from fssam_deploy.bench.flops import floor_fields, matmul_gflops
+from fssam_deploy.bench.flops import floor_environment, floor_fields
 from fssam_deploy.bench.timing import Stats, Timer, current_rss_mb, peak_rss_mb, synchronize
 from fssam_deploy.hostinfo import cpu_info, host_summary
 from fssam_deploy.manifest import folder_format
@@ -121,8 +121,8 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
     if st.threads:
         torch.set_num_threads(st.threads)
     tagged = []  # ((shots index, batch index, backend index), row)
-    rates = ({"fp32": matmul_gflops(torch.float32, st.device), "bf16": matmul_gflops(torch.bfloat16, st.device)}
-             if st.gemm_floor else {})
+    floor_env = floor_environment(st.device, st.threads) if st.gemm_floor else {}
+    rates = floor_env.get("matmul_gflops", {})
     cases = [(k, b) for k in st.shots for b in st.batches]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("benchmark", total=len(cases) * len(st.backends))
@@ -160,8 +160,7 @@ def run_bench(st: BenchSettings, out_dir: str | Path | None = None, progress: bo
     rows = [row for _, row in sorted(tagged, key=lambda t: t[0])]  # shots, batch, backend, as the flags list them
     settings = {k: v for k, v in st.__dict__.items() if k != "cfg"}
     env = environment(st)
-    if rates:
-        env["matmul_gflops"] = rates  # 2048^3, best of up to 10, this process's threads
+    env.update(floor_env)  # 2048^3, best of up to 10, this process's threads; the fastest library's, and each's
     result = {"config": st.cfg.to_dict(), "settings": settings, "environment": env, "rows": rows}
     if out_dir is not None:
         from fssam_deploy.bench.report import write_report

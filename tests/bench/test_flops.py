@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fssam_deploy.bench.flops import floor_fields, flop_counter_mode, matmul_gflops
+from fssam_deploy.bench import flops
+from fssam_deploy.bench.flops import floor_fields, flop_counter_mode, matmul_gflops, openvino_matmul_gflops
 from fssam_deploy.bench.report import floor_table, markdown_table
+from fssam_deploy.hostinfo import openvino_capabilities
 from fssam_deploy.model.config import DINO_INPUT_SIZE, DINO_MODELS
 from fssam_deploy.synthetic import episode_tensors
 
@@ -84,3 +86,38 @@ def test_floor_table_in_the_report():
     assert "| torch | 1 | 1 | 80.0 |  | 0.01x |" in markdown_table(result)
     del result["environment"]["matmul_gflops"]
     assert floor_table(result) == []
+
+
+def test_openvino_matmul_rate():
+    """OpenVINO's matmul is timed as torch's is; its bf16 hint only where the plugin runs bf16 (else it is f32)."""
+    pytest.importorskip("openvino")
+    rate = openvino_matmul_gflops(torch.float32, n=256, repeats=3)
+    assert math.isfinite(rate) and rate > 0.1
+    bf16 = openvino_matmul_gflops(torch.bfloat16, n=256, repeats=3)
+    assert (bf16 is None) == ("BF16" not in openvino_capabilities())
+
+
+def test_the_floor_is_the_fastest_library(monkeypatch):
+    """Per dtype the floor takes the fastest library's rate (a probe on a 2-core AVX-512 EPYC: OpenVINO's fp32 at 368
+    GFLOP/s against torch's 183, torch's bf16 at 800 against OpenVINO's 619), and the report names both."""
+    monkeypatch.setattr(flops, "matmul_gflops", lambda dtype, device="cpu": {torch.float32: 183.0,
+                                                                             torch.bfloat16: 800.0}[dtype])
+    ov = {torch.float32: 368.0, torch.bfloat16: 619.0}
+    monkeypatch.setattr(flops, "openvino_matmul_gflops", lambda dtype, threads=None: ov[dtype])
+    env = flops.floor_environment("cpu", threads=2)
+    assert env == {"matmul_gflops": {"fp32": 368.0, "bf16": 800.0},
+                   "matmul_gflops_by_library": {"torch": {"fp32": 183.0, "bf16": 800.0},
+                                                "openvino": {"fp32": 368.0, "bf16": 619.0}}}
+    row = {"backend": "openvino", "shots": 1, "batch": 1, "episode": {"median_ms": 3182.0},
+           **floor_fields({"a": 939.5e9}, 3182.0, env["matmul_gflops"])}
+    text = "\n".join(floor_table({"rows": [row], "environment": env}))
+    assert ("matmul 2048^3 on this device, the fastest of torch and openvino, fp32 368 GFLOP/s (openvino; torch "
+            "183), bf16 800 GFLOP/s (torch; openvino 619)") in text
+    assert "| openvino | 1 | 1 | 3182.0 | 1.25x | 2.71x |" in text  # 939.5 GFLOP at 368: 2553 ms
+    ov[torch.bfloat16] = None  # no native bf16: OpenVINO gives fp32 only
+    env = flops.floor_environment("cpu")
+    assert env["matmul_gflops_by_library"]["openvino"] == {"fp32": 368.0} and env["matmul_gflops"]["bf16"] == 800.0
+    assert "bf16 800 GFLOP/s; an episode" in "\n".join(floor_table({"rows": [row], "environment": env}))
+    monkeypatch.setattr(flops, "openvino_matmul_gflops", lambda dtype, threads=None: None)  # not installed
+    assert flops.floor_environment("cpu")["matmul_gflops_by_library"] == {"torch": {"fp32": 183.0, "bf16": 800.0}}
+    assert list(flops.floor_environment("cuda")["matmul_gflops_by_library"]) == ["torch"]  # OpenVINO: CPU only
