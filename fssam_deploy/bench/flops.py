@@ -35,30 +35,38 @@ def flop_counter_mode() -> flop_counter.FlopCounterMode:
     return flop_counter.FlopCounterMode(display=False)
 
 
+def best_gflops(matmul, n: int, repeats: int, budget_s: float) -> float:
+    """GFLOP/s of the fastest of `repeats` calls of `matmul()` (one n x n x n product, synchronous), after one
+    warm-up call (it picks and packs kernels); fewer calls once `budget_s` is spent (a CPU without bf16 units is
+    slow at it)."""
+    matmul()
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(repeats):
+        if best < float("inf") and time.perf_counter() - start > budget_s:
+            break
+        t0 = time.perf_counter()
+        matmul()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def matmul_gflops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048, repeats: int = 10,
                   budget_s: float = 3.0) -> float:
-    """The best of `repeats` n x n x n matmuls in `dtype` on `device` (fewer once `budget_s` is spent: a CPU
-    without bf16 units is slow at it), in GFLOP/s at the current thread count."""
+    """The best of `repeats` n x n x n torch matmuls in `dtype` on `device` (`best_gflops`), in GFLOP/s at the
+    current thread count."""
     device = torch.device(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
 
-    def sync():
+    def matmul():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     with torch.inference_mode():
-        a @ b  # warm-up: the first call picks and packs kernels
-        best, start = float("inf"), time.perf_counter()
-        for _ in range(repeats):
-            if best < float("inf") and time.perf_counter() - start > budget_s:
-                break
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        return best_gflops(matmul, n, repeats, budget_s)
 
 
 def openvino_matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, budget_s: float = 3.0,
@@ -83,15 +91,7 @@ def openvino_matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10,
     request = compiled.create_infer_request()
     rng = np.random.default_rng(0)
     feed = [rng.standard_normal((n, n), dtype=np.float32) for _ in range(2)]
-    request.infer(feed)  # warm-up
-    best, start = float("inf"), time.perf_counter()
-    for _ in range(repeats):
-        if best < float("inf") and time.perf_counter() - start > budget_s:
-            break
-        t0 = time.perf_counter()
-        request.infer(feed)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best_gflops(lambda: request.infer(feed), n, repeats, budget_s)
 
 
 FLOOR_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
