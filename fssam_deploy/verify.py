@@ -53,6 +53,10 @@ class Targets:
         logits_ok = self.episode_atol is None or max_abs <= self.episode_atol
         return math.isfinite(max_abs) and logits_ok and iou >= self.episode_iou
 
+    def stage_tolerance(self, spec, output: str) -> StageTolerance | None:
+        """The rule one stage output is held to at this precision (None: only NaN / inf fails)."""
+        return None if self.stage_rtol is None else spec_tolerance(spec, output, self.stage_rtol)
+
     def describe_stage(self, tol: StageTolerance | None) -> str:
         return "finite" if tol is None else tol.describe()
 
@@ -237,7 +241,7 @@ def verify_runner(runner, spec, module, cfg, targets: Targets, batch: int, seed:
 def output_row(label: str, spec, out: str, got, want, targets: Targets, t_ms: float, b_ms: float) -> dict:
     """The report row of one output (torch tensors or numpy arrays) against PyTorch's, by its spec's tolerance."""
     got, want = torch.as_tensor(got).float().cpu(), torch.as_tensor(want).float().cpu()
-    tol = None if targets.stage_rtol is None else spec_tolerance(spec, out)
+    tol = targets.stage_tolerance(spec, out)
     c = (tol or StageTolerance(math.inf)).check(got, want)
     max_rel = ((got - want).abs() / want.abs().clamp_min(1e-12)).max().item() if got.shape == want.shape else math.nan
     return {"stage": label, "output": out, "max_abs": c["max_abs"], "max_rel": max_rel, "scale": c["scale"],
@@ -259,7 +263,7 @@ def verify_stage(path: Path, spec, module, cfg, targets: Targets, batch: int, se
         ref, t_ms = _timed(lambda: module(*feed.values()), reps)
     ref = dict(zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)))
     scales = {k: max(v.abs().max().item(), 1e-6) for k, v in ref.items()}
-    tols = {k: None if targets.stage_rtol is None else spec_tolerance(spec, k) for k in ref}
+    tols = {k: targets.stage_tolerance(spec, k) for k in ref}
     atol = {k: math.inf if tols[k] is None else tols[k].max_rtol * scales[k] for k in ref}
     share_atol = {k: t.rtol * scales[k] for k, t in tols.items() if t is not None and t.bf16_rounded}
     errors, seconds = compare_graph(path, {k: v.numpy() for k, v in feed.items()},
@@ -321,7 +325,7 @@ def verify_episode(episode, cfg, weights, targets: Targets, batch: int, seed: in
             "target": targets.describe_episode(), "ok": targets.episode_ok(err, iou)}
 
 
-def spec_tolerance(spec, output: str) -> StageTolerance:
-    """The fp32 tolerance of one output of a stage: STAGE_RTOL x scale, with one bf16 step allowed in a few elements
-    of an output its spec marks bf16-rounded (the memory)."""
-    return StageTolerance(STAGE_RTOL, spec.output(output).bf16_rounded)
+def spec_tolerance(spec, output: str, rtol: float = STAGE_RTOL) -> StageTolerance:
+    """The tolerance of one output of a stage: rtol (fp32: STAGE_RTOL) x scale, with one bf16 step allowed in a few
+    elements of an output its spec marks bf16-rounded (the memory)."""
+    return StageTolerance(rtol, spec.output(output).bf16_rounded)
